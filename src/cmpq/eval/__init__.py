@@ -1,0 +1,1 @@
+"""Evaluation: perplexity per PROTOCOL, and the JSON records every benchmark writes."""

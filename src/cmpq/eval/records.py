@@ -1,0 +1,84 @@
+"""PROTOCOL's benchmark record: one JSON object per configuration, appended atomically to a .jsonl file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+_CHECKOUT = Path(__file__).resolve().parents[3]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def git_commit() -> str | None:
+    """Commit of the checkout the package runs from, with '-dirty' if it has uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_CHECKOUT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_CHECKOUT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def unquantized_storage(model: nn.Module, quantized: set[str]) -> dict[str, int]:
+    """Parameters outside the quantized linears (embeddings, norms, lm_head; tied weights once) and their
+    size stored in 16-bit, reported apart from the quantized layers' bpw as PROTOCOL asks."""
+    params = sum(p.numel() for name, p in model.named_parameters()
+                 if name.rsplit(".", 1)[0] not in quantized)
+    return {"params": params, "bytes_16bit": params * 2}
+
+
+def environment() -> dict[str, Any]:
+    return {"threads": torch.get_num_threads(), "git_commit": git_commit(), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to `path` atomically: the file is either the old one or the old one plus a whole
+    new line, never a half-written line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_bytes() if path.exists() else b""
+    if existing and not existing.endswith(b"\n"):
+        existing += b"\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(existing + (json.dumps(record, sort_keys=False) + "\n").encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a .jsonl file, with the line number in any parse error."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+    return records

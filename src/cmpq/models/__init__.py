@@ -1,0 +1,6 @@
+"""Model loading and the data tables that describe each supported architecture."""
+
+from cmpq.models.arch import ARCHITECTURES, ArchSpec, find_arch
+from cmpq.models.load import LoadedModel, load_model
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "LoadedModel", "find_arch", "load_model"]

