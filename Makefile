@@ -31,7 +31,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real_model"
 
 bench: setup
-	$(BIN)/python benchmarks/rtn_baseline.py
+	$(BIN)/python benchmarks/cmpq_table.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache runs

@@ -26,6 +26,13 @@ def _datasets(value: str) -> tuple[str, ...]:
     return names
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{value}'") from None
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     parser.add_argument("--protocol", choices=("quick", "full"), default="quick",
@@ -39,6 +46,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from cmpq.quantizers import QUANTIZERS
+    from cmpq.quantizers.cmpq.quantizer import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="cmpq", description="Quantize LLMs to any bit-width and measure them honestly (see README.md).")
@@ -54,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target bits per weight; for rtn the integer code width 1..8")
     q.add_argument("--group-size", type=int,
                    help="rtn: input channels sharing one scale and zero-point (default: one per output channel)")
+    q.add_argument("--preset", choices=sorted(PRESETS),
+                   help="cmpq: a named set of the options below; 'paper' reproduces the paper's choices (explicit "
+                        "options override it)")
+    q.add_argument("--bits-mode", choices=("honest", "code"),
+                   help="cmpq: count every stored bit against --bits (honest, default) or code bits only (code, the "
+                        "paper's convention; the honest bpw is still reported)")
+    q.add_argument("--bit-set", type=_int_list, metavar="B1,B2,...",
+                   help="cmpq: widths a column may get (default: 1,2,...,8)")
+    q.add_argument("--allocation", choices=("activation", "error", "magnitude", "random"),
+                   help="cmpq: activation = the paper (columns with the largest ||X_j|| get the higher of the two "
+                        "widths around the budget); error = greedy on activation-weighted k-means error per stored "
+                        "bit; magnitude / random = ablations (default: activation)")
+    q.add_argument("--act-outliers", type=float,
+                   help="cmpq: fraction of weights kept in FP16 by largest |W_ij|*||X_j|| (default: 0.0045)")
+    q.add_argument("--q-outliers", type=float,
+                   help="cmpq: fraction of weights kept in FP16 by largest quantization error*||X_j|| (default: "
+                        "0.0005)")
+    q.add_argument("--codebook", choices=("fp16", "int8"),
+                   help="cmpq: storage of codebook entries: fp16, or int8 codes of a per-layer scale (default: fp16)")
+    q.add_argument("--grid", choices=("kmeans", "minmax"),
+                   help="cmpq: per-column k-means codebooks, or a uniform min-max grid per column (ablation)")
     q.add_argument("--calib", default="c4",
                    help="calibration text: c4 (documents 1000..1999 of the C4 sample; default), wikitext2 (train "
                         "split, needs the hub) or a path to a UTF-8 text file. Methods that need no calibration "
@@ -75,13 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# CLI options that map one-to-one onto fields of a method's Config; a method without the field rejects them.
+_METHOD_FIELDS = ("group_size", "bits_mode", "bit_set", "allocation", "act_outliers", "q_outliers", "codebook", "grid")
+
+
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     bits: float | int = args.bits
     if float(bits).is_integer():
         bits = int(bits)
-    options: dict[str, Any] = {"bits": bits}
-    if args.group_size is not None:
-        options["group_size"] = args.group_size
+    options: dict[str, Any] = {}
+    if args.preset is not None:
+        from cmpq.quantizers.cmpq.quantizer import PRESETS
+
+        options.update(PRESETS[args.preset])
+    options["bits"] = bits
+    for field in _METHOD_FIELDS:
+        value = getattr(args, field)
+        if value is not None:
+            options[field] = value
     return options
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from cmpq.calibration.capture import capture_block_inputs, run_block
 from cmpq.calibration.stats import LayerStats, StatsRecorder
+from cmpq.errors import CmpqError
 from cmpq.models.arch import ArchSpec
 from cmpq.quantizers.base import BitBreakdown, QuantizedWeight, Quantizer
 
@@ -61,10 +62,14 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
             for name in group:
                 bar.set_postfix_str(name)
                 linear = linears[name]
-                qw = quantizer.quantize(linear.weight.data, stats.get(name, LayerStats()))
+                full_name = f"{arch.blocks_path}.{index}.{name}"
+                try:
+                    qw = quantizer.quantize(linear.weight.data, stats.get(name, LayerStats()))
+                except CmpqError as exc:  # say which layer: targets can be unreachable for one shape only
+                    raise type(exc)(f"{full_name} {tuple(linear.weight.shape)}: {exc}") from exc
                 with torch.no_grad():
                     linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
-                result.layers[f"{arch.blocks_path}.{index}.{name}"] = qw
+                result.layers[full_name] = qw
         if needs:  # a method that reads no statistics gives the same weights whatever the inputs: skip the pass
             run_block(block, inputs, hidden, spare)
             hidden, spare = spare, hidden

@@ -32,7 +32,7 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     windows = None
     if quantizer.needs():
         windows, source = calibration_windows(loaded.tokenizer, calib)
-        calib_info = {"used": True, "source": source, **config_to_dict(calib)}
+        calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source}
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
                             progress=progress)
     return result, calib_info

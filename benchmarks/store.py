@@ -1,0 +1,89 @@
+"""A resumable store of benchmark records: one JSON line per (model, method, config, calibration, protocol).
+
+Benchmark scripts declare their cells, skip those already stored, and render tables from the store, so an
+interrupted grid continues where it stopped and cells shared by several tables are measured once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmpq import workflow
+from cmpq.config import CalibConfig, EvalConfig
+from cmpq.eval.records import append_record, read_records
+from cmpq.models.load import LoadedModel, load_model
+from cmpq.quantizers import get_quantizer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration to measure: `method` "float" or a registered quantizer with its options."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, model: str, calib: CalibConfig, protocol: str) -> str:
+        needs_calib = self.method != "float" and bool(get_quantizer(self.method, **self.options).needs())
+        return json.dumps({"model": model, "method": self.method,
+                           "config": _jsonable(get_quantizer(self.method, **self.options).config)
+                           if self.method != "float" else None,
+                           "calib": [calib.source, calib.nsamples, calib.seqlen, calib.seed] if needs_calib else None,
+                           "protocol": protocol}, sort_keys=True)
+
+
+def _jsonable(config: Any) -> dict[str, Any]:
+    from cmpq.config import config_to_dict
+
+    return json.loads(json.dumps(config_to_dict(config)))
+
+
+def record_key(record: dict[str, Any]) -> str:
+    calib = record.get("calibration") or {}
+    return json.dumps({"model": record["model"], "method": record["method"], "config": record.get("config"),
+                       "calib": [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"]]
+                       if calib.get("used") else None,
+                       "protocol": record["protocol"]}, sort_keys=True)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_records(self.path) if self.path.exists() else []
+
+    def keys(self) -> set[str]:
+        return {record_key(r) for r in self.records()}
+
+    def run(self, cells: list[Cell], model: str, calib: CalibConfig, eval_config: EvalConfig) -> None:
+        """Measure every cell not yet stored, loading the model once and restoring float weights between cells."""
+        done = self.keys()
+        todo = [c for c in cells if c.key(model, calib, eval_config.protocol) not in done]
+        print(f"{len(cells) - len(todo)} of {len(cells)} cells already stored in {self.path}")
+        if not todo:
+            return
+        loaded = load_model(model)
+        originals = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+        for number, cell in enumerate(todo, start=1):
+            print(f"[{number}/{len(todo)}] {cell.method} {cell.options}", flush=True)
+            append_record(self.path, measure(loaded, cell, calib, eval_config))
+            with torch.no_grad():
+                for name, p in loaded.model.named_parameters():
+                    p.copy_(originals[name])
+
+
+def measure(loaded: LoadedModel, cell: Cell, calib: CalibConfig, eval_config: EvalConfig) -> dict[str, Any]:
+    if cell.method == "float":
+        ppl, seconds = workflow.timed(workflow.evaluate, loaded, eval_config)
+        return workflow.float_record(loaded, ppl, eval_config.protocol, seconds)
+    quantizer = get_quantizer(cell.method, **cell.options)
+    result, calib_info = workflow.quantize(loaded, quantizer, calib)
+    ppl = workflow.evaluate(loaded, eval_config)
+    return workflow.quantization_record(loaded, quantizer, result, calib_info, ppl, eval_config.protocol)

@@ -1,0 +1,274 @@
+"""CMPQ (Chen, Xie, Li, Shen 2024): a bit-width per input channel, a k-means codebook per column, and two
+kinds of FP16 outliers kept in a sparse matrix.
+
+For a layer W (out x in) with channel norms s_j = ||X_j||_2:
+1. O_act: the round(act_outliers * out * in) weights with the largest |W_ij| * s_j are set aside (FP16).
+2. Each column gets a width from the bit set (`allocate.py`) so that all stored bits fit the target.
+3. Each column is fitted with its own 2^b-entry codebook by 1-D k-means (`kmeans.py`), outliers excluded.
+4. O_q: the round(q_outliers * out * in) weights with the largest |W_ij - Q(W)_ij| * s_j are set aside too,
+   and the columns that lost weights are refitted.
+Dequantized weight = codebook lookup, with the outlier positions replaced by their stored FP16 values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cmpq.calibration.stats import LayerStats
+from cmpq.config import check
+from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
+from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
+from cmpq.quantizers.cmpq.kmeans import assign, kmeans_1d, sse
+
+ALLOCATIONS = ("activation", "error", "magnitude", "random")
+CODEBOOK_FORMATS = {"fp16": 16, "int8": 8}
+GRIDS = ("kmeans", "minmax")
+BITS_MODES = ("honest", "code")
+BUDGET_TOLERANCE_BPW = 0.02  # PROTOCOL: honest bpw at most the target and within 0.02 of it
+
+
+@dataclass(frozen=True)
+class CMPQConfig:
+    """bits: target bits per weight (any real), counted as every stored bit (`bits_mode="honest"`) or as code
+    bits only (`"code"`, the paper's convention); bit_set: widths a column may get; allocation: how columns
+    are ranked (activation = the paper, error = greedy on weighted k-means error, magnitude / random =
+    ablations); act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
+    codebook entries (fp16, or int8 codes of a per-layer FP16 scale and offset); grid: kmeans, or the
+    min-max uniform grid per column (ablation)."""
+
+    bits: float = 3.0
+    bits_mode: str = "honest"
+    bit_set: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    allocation: str = "activation"
+    act_outliers: float = 0.0045
+    q_outliers: float = 0.0005
+    codebook: str = "fp16"
+    grid: str = "kmeans"
+    kmeans_iters: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bit_set", tuple(sorted(set(self.bit_set))))
+        check(isinstance(self.bits, (int, float)) and 0 < self.bits <= 16, "cmpq.bits", "must be a number in (0, 16]",
+              self.bits)
+        check(len(self.bit_set) > 0 and all(isinstance(b, int) and 1 <= b <= 8 for b in self.bit_set),
+              "cmpq.bit_set", "must be a non-empty set of integers in 1..8", self.bit_set)
+        check(self.bits >= self.bit_set[0], "cmpq.bits",
+              f"is unreachable: below the narrowest width of bit_set {list(self.bit_set)}", self.bits)
+        check(self.bits_mode in BITS_MODES, "cmpq.bits_mode", f"must be one of {BITS_MODES}", self.bits_mode)
+        check(self.allocation in ALLOCATIONS, "cmpq.allocation", f"must be one of {ALLOCATIONS}", self.allocation)
+        for name in ("act_outliers", "q_outliers"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and 0 <= value < 0.5, f"cmpq.{name}",
+                  "must be a fraction in [0, 0.5)", value)
+        check(self.codebook in CODEBOOK_FORMATS, "cmpq.codebook", f"must be one of {tuple(CODEBOOK_FORMATS)}",
+              self.codebook)
+        check(self.grid in GRIDS, "cmpq.grid", f"must be one of {GRIDS}", self.grid)
+        check(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 1, "cmpq.kmeans_iters",
+              "must be an integer >= 1", self.kmeans_iters)
+
+
+# Named option sets; "paper" is the method as published (section "The method" of the CMPQ issue).
+PRESETS: dict[str, dict[str, object]] = {
+    "paper": {"bit_set": (1, 2, 3, 4, 5, 6, 7, 8), "allocation": "activation", "act_outliers": 0.0045,
+              "q_outliers": 0.0005, "codebook": "fp16", "grid": "kmeans"},
+}
+
+
+def index_bits(max_value: int) -> int:
+    """Width of the narrowest unsigned integer type (8, 16, 32 or 64 bits) that holds `max_value`."""
+    for bits in (8, 16, 32, 64):
+        if max_value < 2**bits:
+            return bits
+    raise ValueError(f"{max_value} does not fit in 64 bits")
+
+
+def map_bits(columns: int, n_widths: int) -> int:
+    """Bits of the per-column width map: an index into the layer's list of widths (one byte per width)."""
+    return 8 * n_widths + columns * math.ceil(math.log2(n_widths)) if n_widths > 1 else 8
+
+
+def sparse_bits(rows: int, columns: int, nnz: int) -> tuple[int, int]:
+    """(value bits, index bits) of FP16 outliers in CSR with the narrowest index types."""
+    if nnz == 0:
+        return 0, 0
+    return nnz * FP16_BITS, nnz * index_bits(columns - 1) + (rows + 1) * index_bits(nnz)
+
+
+@dataclass
+class CMPQWeight(QuantizedWeight):
+    """Per-column widths and codebooks, dense codes, and FP16 outliers (row-major, CSR when stored)."""
+
+    widths: torch.Tensor         # (in,) uint8
+    codes: torch.Tensor          # (out, in) uint8
+    codebooks: torch.Tensor      # (in, 2^max_width) float32 holding the stored (rounded) values
+    outlier_rows: torch.Tensor   # (nnz,) int64
+    outlier_cols: torch.Tensor   # (nnz,) int64
+    outlier_values: torch.Tensor  # (nnz,) float16
+    codebook_format: str
+
+    @property
+    def shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.codebooks.gather(1, self.codes.T.long()).T.contiguous()
+        w[self.outlier_rows, self.outlier_cols] = self.outlier_values.float()
+        return w
+
+    def storage(self) -> BitBreakdown:
+        rows, columns = self.shape
+        widths = self.widths.long()
+        entry_bits = CODEBOOK_FORMATS[self.codebook_format]
+        params = int((2**widths).sum()) * entry_bits + (2 * FP16_BITS if self.codebook_format == "int8" else 0)
+        values, indices = sparse_bits(rows, columns, self.outlier_values.numel())
+        return BitBreakdown(weights=rows * columns, codes=rows * int(widths.sum()), params=params, outliers=values,
+                            indices=indices, maps=map_bits(columns, int(torch.unique(widths).numel())))
+
+
+def top_k_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the `count` largest entries of `scores` (ties broken by position)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if count > 0:
+        mask[torch.topk(scores.flatten(), count, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+@register
+class CMPQ(Quantizer):
+    name = "cmpq"
+    Config = CMPQConfig
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({"col_sq_sum"})
+
+    # --- storage helpers -------------------------------------------------------------------------------------
+    def _round_codebooks(self, centroids: torch.Tensor) -> torch.Tensor:
+        """Centroids as stored: FP16 values (the int8 format is applied per layer in `_layer_int8`)."""
+        return centroids.half().float()
+
+    def _column_cost(self, rows: int) -> torch.Tensor:
+        """Bits one column costs at each width of the bit set (codes, plus its codebook in honest mode)."""
+        widths = torch.tensor(self.config.bit_set, dtype=torch.float64)
+        cost = rows * widths
+        if self.config.bits_mode == "honest":
+            cost = cost + (2**widths) * CODEBOOK_FORMATS[self.config.codebook]
+        return cost
+
+    def _budget(self, rows: int, columns: int, n_outliers: int, n_widths: int) -> float:
+        """Bits available for the columns' codes (and codebooks, in honest mode) after the fixed costs, if the
+        width map has to distinguish `n_widths` widths."""
+        total = self.config.bits * rows * columns
+        if self.config.bits_mode == "code":
+            return total
+        values, indices = sparse_bits(rows, columns, n_outliers)
+        fixed = values + indices + map_bits(columns, n_widths)
+        if self.config.codebook == "int8":
+            fixed += 2 * FP16_BITS
+        return total - fixed
+
+    def _allocate(self, allocate, score, rows: int, columns: int, n_outliers: int) -> torch.Tensor:
+        """Width indices from `allocate(budget)`, where the budget depends on how many widths the map must tell
+        apart: try each map size (1, 2, up to 4, up to 8 widths), keep the results that stay within their size,
+        and return the one with the lowest `score`."""
+        limit = len(self.config.bit_set) if self.config.allocation == "error" else min(2, len(self.config.bit_set))
+        best, best_score = None, float("inf")
+        for size in sorted({min(n, limit) for n in (1, 2, 4, 8)}):
+            try:
+                index = allocate(self._budget(rows, columns, n_outliers, size))
+            except UnreachableTargetError:
+                if size == limit:
+                    raise
+                continue
+            if int(torch.unique(index).numel()) <= size and score(index) < best_score:
+                best, best_score = index, score(index)
+        return best
+
+    # --- fitting ---------------------------------------------------------------------------------------------
+    def _fit(self, values: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+        init = "minmax" if self.config.grid == "minmax" else "best"
+        return self._round_codebooks(kmeans_1d(values, keep, 2**width, self.config.kmeans_iters, init=init))
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats) -> CMPQWeight:
+        config = self.config
+        w = weight.float()
+        rows, columns = w.shape
+        s = stats.col_norm() if "col_sq_sum" in stats.values else torch.ones(columns)
+        numel = rows * columns
+        n_act, n_q = round(config.act_outliers * numel), round(config.q_outliers * numel)
+        act_mask = top_k_mask(w.abs() * s[None, :], n_act)
+        values, keep = w.T.contiguous(), ~act_mask.T                          # one row per column
+
+        cost = self._column_cost(rows)
+        tolerance = BUDGET_TOLERANCE_BPW * numel
+        fits: dict[int, torch.Tensor] = {}
+        if config.allocation == "error":
+            for width in config.bit_set:
+                fits[width] = self._fit(values, keep, width)
+            errors = torch.stack([sse(values, keep, fits[b]) for b in config.bit_set], dim=1)
+            weighted = errors * s[:, None].double() ** 2
+            index = self._allocate(lambda budget: allocate_greedy(weighted, cost, budget, tolerance),
+                                   lambda index: weighted.gather(1, index[:, None]).sum().item(),
+                                   rows, columns, n_act + n_q)
+        else:
+            order = self._order(w, s)
+            index = self._allocate(lambda budget: allocate_ranked(order, cost, budget, tolerance),
+                                   lambda index: -cost[index].sum().item(),  # the paper's rule: spend all
+                                   rows, columns, n_act + n_q)
+        widths = torch.tensor(config.bit_set)[index]
+
+        codebooks = torch.zeros(columns, 2 ** max(config.bit_set))
+        self._fit_columns(values, keep, widths, codebooks, fits, torch.ones(columns, dtype=torch.bool))
+        codes = self._codes(values, widths, codebooks)
+        outliers = act_mask
+        if n_q:
+            deq = codebooks.gather(1, codes.long()).T
+            error = (w - deq).abs() * s[None, :]
+            q_mask = top_k_mask(error.masked_fill(act_mask, -1.0), n_q)
+            outliers = act_mask | q_mask
+            keep = ~outliers.T
+            self._fit_columns(values, keep, widths, codebooks, {}, q_mask.any(dim=0))
+            codes = self._codes(values, widths, codebooks)
+        rows_idx, cols_idx = outliers.nonzero(as_tuple=True)   # row-major order, as CSR stores them
+        return CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
+                          codebooks=codebooks, outlier_rows=rows_idx, outlier_cols=cols_idx,
+                          outlier_values=w[rows_idx, cols_idx].half(), codebook_format=config.codebook)
+
+    def _order(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Columns from most to least deserving of the higher width."""
+        if self.config.allocation == "activation":
+            score = s
+        elif self.config.allocation == "magnitude":
+            score = w.norm(dim=0)
+        else:
+            score = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(self.config.seed))
+        return torch.sort(score, descending=True, stable=True).indices
+
+    def _fit_columns(self, values, keep, widths, codebooks, fits, refit: torch.Tensor) -> None:
+        """Fill `codebooks` rows where `refit` is True, by width (reusing `fits` made on the same mask)."""
+        for width in torch.unique(widths[refit]).tolist():
+            cols = (widths == width) & refit
+            centroids = fits[width][cols] if width in fits else self._fit(values[cols], keep[cols], width)
+            codebooks[cols, : 2**width] = centroids
+        if self.config.codebook == "int8":
+            self._layer_int8(codebooks, widths)
+
+    def _layer_int8(self, codebooks: torch.Tensor, widths: torch.Tensor) -> None:
+        """Round every used entry to 8-bit codes of one per-layer FP16 offset and scale (in place)."""
+        used = torch.arange(codebooks.shape[1])[None, :] < (2 ** widths.long())[:, None]
+        lo = codebooks[used].min().half().float()
+        scale = ((codebooks[used].max() - lo) / 255).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+        rounded = lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
+        codebooks.copy_(torch.where(used, rounded, codebooks))  # rounding is monotone: rows stay sorted
+
+    @staticmethod
+    def _codes(values: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+        """Nearest stored codebook entry for every weight, (in, out) int64."""
+        codes = torch.zeros(values.shape, dtype=torch.long)
+        for width in torch.unique(widths).tolist():
+            cols = widths == width
+            codes[cols] = assign(values[cols], codebooks[cols, : 2**width])
+        return codes

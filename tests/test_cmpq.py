@@ -1,0 +1,141 @@
+"""CMPQ on random layers: budgets, k-means quality, outliers, allocation order, determinism, validation."""
+
+import pytest
+import torch
+
+from cmpq.calibration.stats import LayerStats
+from cmpq.errors import CmpqError, ConfigError
+from cmpq.quantizers import CMPQConfig, get_quantizer
+from cmpq.quantizers.cmpq.kmeans import kmeans_1d, minmax_init, sse
+from cmpq.quantizers.cmpq.quantizer import top_k_mask
+
+TARGETS = (2.0, 2.2, 2.5, 3.0, 3.37, 4.0)
+ALLOCATIONS = ("activation", "error", "magnitude", "random")
+
+
+def layer(rows=96, cols=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[torch.randint(0, rows, (5,), generator=g), torch.randint(0, cols, (5,), generator=g)] = 0.8  # a few outliers
+    s2 = (torch.rand(cols, generator=g) * 2) ** 4 * 100
+    return w, LayerStats(tokens=100, values={"col_sq_sum": s2.double()})
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+@pytest.mark.parametrize("bits", TARGETS)
+def test_honest_budget_is_met_within_tolerance(allocation, bits):
+    w, stats = layer()
+    qw = get_quantizer("cmpq", bits=bits, allocation=allocation, bit_set=(1, 2, 3, 4, 5, 6)).quantize(w, stats)
+    assert bits - 0.02 <= qw.storage().bpw <= bits
+
+
+@pytest.mark.parametrize("bits", (2.0, 2.5, 3.37))
+def test_code_bits_mode_meets_the_code_budget(bits):
+    w, stats = layer()
+    qw = get_quantizer("cmpq", bits=bits, bits_mode="code").quantize(w, stats)
+    storage = qw.storage()
+    assert bits - 0.02 <= storage.code_bpw <= bits
+    assert storage.bpw > storage.code_bpw  # the overhead is still reported
+
+
+@pytest.mark.parametrize("k", (2, 4, 8, 16))
+def test_kmeans_never_worse_than_the_minmax_grid(k):
+    values = torch.randn(200, 64) ** 3
+    mask = torch.rand(200, 64) > 0.05
+    fitted = sse(values, mask, kmeans_1d(values, mask, k))
+    grid = sse(values, mask, minmax_init(values, mask, k))
+    assert torch.all(fitted <= grid * (1 + 1e-6) + 1e-9)
+    assert fitted.sum() < grid.sum()
+
+
+def test_kmeans_reaches_zero_error_with_enough_levels():
+    values = torch.tensor([[0.0, 1.0, 1.0, 5.0], [2.0, 2.0, 2.0, 2.0]])
+    centroids = kmeans_1d(values, None, 4)
+    assert torch.all(sse(values, torch.ones_like(values, dtype=torch.bool), centroids) == 0)
+
+
+@pytest.mark.parametrize("act,q", [(0.0045, 0.0005), (0.01, 0.0), (0.0, 0.02), (0.0, 0.0)])
+def test_outlier_counts_equal_the_ratios_and_are_exact(act, q):
+    w, stats = layer(rows=128, cols=96)
+    qw = get_quantizer("cmpq", bits=3.0, act_outliers=act, q_outliers=q).quantize(w, stats)
+    numel = w.numel()
+    assert qw.outlier_values.numel() == round(act * numel) + round(q * numel)
+    deq = qw.dequantize()
+    rows, cols = qw.outlier_rows, qw.outlier_cols
+    assert torch.equal(deq[rows, cols], w[rows, cols].half().float())
+    if act:
+        act_scores = w.abs() * stats.col_norm()[None, :]
+        expected = top_k_mask(act_scores, round(act * numel))
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        mask[rows, cols] = True
+        assert torch.all(mask[expected])
+
+
+def test_larger_activation_channels_never_get_fewer_bits():
+    w, stats = layer()
+    for bits in TARGETS:
+        qw = get_quantizer("cmpq", bits=bits).quantize(w, stats)
+        order = torch.argsort(stats.col_norm(), descending=True)
+        widths = qw.widths[order].long()
+        assert torch.all(widths[:-1] >= widths[1:]), bits
+        assert len(torch.unique(widths)) <= 2
+
+
+def test_error_allocation_beats_the_paper_rule_on_weighted_error():
+    w, stats = layer(rows=128, cols=128)
+    s2 = stats["col_sq_sum"].float()
+
+    def weighted_error(allocation):
+        qw = get_quantizer("cmpq", bits=2.5, allocation=allocation, bit_set=(1, 2, 3, 4)).quantize(w, stats)
+        return (((qw.dequantize() - w) ** 2) * s2[None, :]).sum().item()
+
+    assert weighted_error("error") < weighted_error("activation") < weighted_error("random")
+
+
+def test_int8_codebooks_cost_fewer_bits_and_still_meet_the_budget():
+    w, stats = layer(rows=128, cols=96)
+    fp16 = get_quantizer("cmpq", bits=3.0, codebook="fp16").quantize(w, stats)
+    int8 = get_quantizer("cmpq", bits=3.0, codebook="int8").quantize(w, stats)
+    assert int8.storage().params < fp16.storage().params
+    assert int8.storage().code_bpw > fp16.storage().code_bpw  # the saved bits went to codes
+    assert 2.98 <= int8.storage().bpw <= 3.0
+
+
+def test_minmax_grid_ablation_is_worse_than_kmeans():
+    w, stats = layer()
+    err = {g: ((get_quantizer("cmpq", bits=3.0, grid=g).quantize(w, stats).dequantize() - w) ** 2).sum().item()
+           for g in ("kmeans", "minmax")}
+    assert err["kmeans"] < err["minmax"]
+
+
+def test_deterministic_for_a_fixed_seed():
+    w, stats = layer()
+    a = get_quantizer("cmpq", bits=2.5, allocation="random", seed=3).quantize(w, stats)
+    b = get_quantizer("cmpq", bits=2.5, allocation="random", seed=3).quantize(w, stats)
+    c = get_quantizer("cmpq", bits=2.5, allocation="random", seed=4).quantize(w, stats)
+    assert torch.equal(a.dequantize(), b.dequantize()) and torch.equal(a.widths, b.widths)
+    assert not torch.equal(a.widths, c.widths)
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"bits": 1.0, "bit_set": (2, 3, 4)}, "cmpq.bits"),
+    ({"bits": 0}, "cmpq.bits"),
+    ({"bit_set": (0, 2)}, "cmpq.bit_set"),
+    ({"bit_set": (9,)}, "cmpq.bit_set"),
+    ({"bit_set": ()}, "cmpq.bit_set"),
+    ({"act_outliers": -0.1}, "cmpq.act_outliers"),
+    ({"q_outliers": 0.7}, "cmpq.q_outliers"),
+    ({"allocation": "magic"}, "cmpq.allocation"),
+    ({"codebook": "fp8"}, "cmpq.codebook"),
+])
+def test_invalid_configs_name_the_field(fields, field):
+    with pytest.raises(ConfigError, match=field):
+        CMPQConfig(**fields)
+
+
+def test_unreachable_targets_fail_clearly():
+    w, stats = layer()
+    with pytest.raises(CmpqError, match="narrowest width"):  # 2-bit codes + codebooks exceed 2.0 bpw
+        get_quantizer("cmpq", bits=2.0, bit_set=(2, 3)).quantize(w, stats)
+    with pytest.raises(CmpqError, match="widest width"):
+        get_quantizer("cmpq", bits=7.5, bit_set=(2, 3)).quantize(w, stats)
