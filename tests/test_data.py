@@ -23,7 +23,8 @@ def test_wikitext2_rows_follow_the_hf_loader():
 
 
 def test_c4_eval_and_calibration_use_disjoint_documents():
-    docs = sources.read_c4_docs(sources.find_data_file(sources.C4_SAMPLE))
+    with open(sources.find_data_file(sources.C4_SAMPLE), encoding="utf-8") as handle:
+        docs = [json.loads(line)["text"] for line in handle]  # read independently of the loader
     assert len(docs) == 2000
     eval_text, eval_source = sources.load_eval_text("c4")
     calib_text, calib_source = sources.load_calibration_text("c4")
@@ -53,6 +54,21 @@ def test_data_dir_env_var_is_searched_first(monkeypatch, tmp_path):
     assert text == "\n\n = A = \n" and source == str(tmp_path / sources.WIKITEXT2_TEST)
 
 
+def test_c4_parquet_is_read_when_the_json_lines_are_absent(monkeypatch, tmp_path):
+    pytest.importorskip("pyarrow")
+    parquet = sources.find_data_file(sources.C4_SAMPLE_PARQUET)
+    (tmp_path / "c4").mkdir()
+    (tmp_path / sources.C4_SAMPLE_PARQUET).symlink_to(parquet)
+    monkeypatch.setattr(sources, "data_dir_candidates", lambda: [tmp_path])
+    sources._c4_docs.cache_clear()
+    try:
+        text, source = sources.load_eval_text("c4")
+        assert source.endswith(".parquet docs 0..999")
+    finally:
+        sources._c4_docs.cache_clear()
+    assert text == sources.load_eval_text("c4")[0]
+
+
 def test_malformed_c4_line_names_file_and_line(tmp_path):
     path = tmp_path / "c4.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n{broken\n", encoding="utf-8")
@@ -69,7 +85,8 @@ def test_windows_follow_gptq_sampler():
     assert torch.equal(got, sample_windows(ids, 5, 64, 0))
     assert not torch.equal(got, sample_windows(ids, 5, 64, 1))
     with pytest.raises(DataNotFoundError, match="too few"):
-        sample_windows(ids, 1, 2000, 0)
+        sample_windows(ids, 1, 1000, 0)
+    assert sample_windows(ids, 3, 999, 0).shape == (3, 999)  # seqlen + 1 tokens suffice, as in GPTQ
 
 
 def test_calibration_from_a_text_file(tmp_path):

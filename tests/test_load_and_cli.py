@@ -44,8 +44,11 @@ def test_missing_and_corrupt_models_give_clear_errors(tmp_path):
         load_model(str(corrupt))
 
 
-def test_unreachable_hub_id_fails_fast(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"},
+                                 {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://10.255.255.1:9"}])  # unroutable
+def test_unreachable_hub_id_fails_fast(monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     start = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match="hub is unreachable"):
         load_model("cmpq-test-org/no-such-model")
@@ -61,10 +64,11 @@ def test_cli_quantize_writes_a_protocol_record(tiny_dir, tmp_path, monkeypatch, 
                   "quant_seconds", "peak_rss_mb", "threads", "git_commit"):
         assert field in record
     assert record["quantized_layers"] == 2 * 7
+    assert record["target_bits"] is None and record["config"]["bits"] == 3  # RTN's bits are a code width
     assert record["bpw"] == pytest.approx(3 + 19 / 16)
     assert read_records(out) == [json.loads(json.dumps(record))]
     run(["quantize", "--model", str(tiny_dir), "--bits", "2", "--eval", "none", "--json", str(out), "--no-progress"])
-    assert [r["target_bits"] for r in read_records(out)] == [3, 2]  # appended, not overwritten
+    assert [r["config"]["bits"] for r in read_records(out)] == [3, 2]  # appended, not overwritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # no stray files
     assert "bpw honest" in capsys.readouterr().out
 
@@ -93,13 +97,66 @@ def test_cli_bad_model_exits_2(tmp_path, capsys):
     assert "no model at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command,options", [
-    ("quantize", ["--model", "--method", "--bits", "--group-size", "--calib", "--nsamples", "--seqlen", "--eval",
-                  "--protocol", "--json", "--true-sequential"]),
-    ("eval", ["--model", "--ppl", "--protocol", "--json"]),
-])
-def test_help_explains_every_option(command, options):
-    out = subprocess.run([sys.executable, "-m", "cmpq", command, "--help"], capture_output=True, text=True,
+def test_help_explains_every_option():
+    from cmpq.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(subparsers) == {"quantize", "eval", "inspect"}
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help and len(action.help) > 10, f"cmpq {name} {action.option_strings}: no help"
+    out = subprocess.run([sys.executable, "-m", "cmpq", "quantize", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for option in options:
-        assert option in out
+    assert "paper" in out and "honest" in out
+
+
+def test_opt_biases_are_reported_with_the_unquantized_parameters():
+    from cmpq.eval.records import unquantized_storage
+    from cmpq.models.arch import find_arch
+    from cmpq.models.tiny import tiny_model
+    from cmpq.pipeline import quantize_model
+    from cmpq.quantizers import get_quantizer
+
+    model = tiny_model("opt")
+    result = quantize_model(model, find_arch(model), get_quantizer("rtn", bits=4), None, progress=False)
+    weights = sum(qw.storage().weights for qw in result.layers.values())
+    total = sum(p.numel() for p in model.parameters())
+    assert weights + unquantized_storage(model, set(result.layers))["params"] == total
+
+
+def test_windows_longer_than_the_context_fail_clearly(tiny_dir, capsys):
+    assert main(["quantize", "--model", str(tiny_dir), "--method", "cmpq", "--bits", "4", "--seqlen", "4096",
+                 "--eval", "none", "--no-progress"]) == 2
+    assert "calib.seqlen: windows of 4096 tokens exceed the model's context of 2048" in capsys.readouterr().err
+
+
+def test_unwritable_json_fails_before_loading(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_preset_for_a_method_without_presets_is_refused(capsys):
+    assert main(["quantize", "--method", "rtn", "--bits", "4", "--preset", "paper"]) == 2
+    assert "rtn: no preset 'paper'" in capsys.readouterr().err
+
+
+def test_cli_cmpq_then_inspect(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cmpq.jsonl"
+    record = run(["quantize", "--model", str(tiny_dir), "--method", "cmpq", "--bits", "4", "--allocation", "error",
+                  "--nsamples", "4", "--seqlen", "32", "--eval", "none", "--json", str(out), "--no-progress"])
+    assert 3.98 <= record["bpw"] <= 4.0
+    assert record["calibration"]["used"] and record["calibration"]["nsamples"] == 4
+    layer = record["layers"]["model.layers.0.mlp.down_proj"]
+    assert sum(layer["widths"].values()) == 80 and layer["outliers"] == round(0.005 * 48 * 80)
+    capsys.readouterr()
+    run(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in text and "honest" in text
+    assert (tmp_path / "cmpq.widths.png").stat().st_size > 1000
+
+
+def test_inspect_rejects_a_record_without_layers(tmp_path, capsys):
+    path = tmp_path / "float.jsonl"
+    path.write_text(json.dumps({"method": "float"}) + "\n")
+    assert main(["inspect", str(path)]) == 2
+    assert "no quantization record" in capsys.readouterr().err

@@ -29,6 +29,9 @@ class Unchanged(QuantizedWeight):
     def storage(self):
         return BitBreakdown(weights=self.weight.numel(), codes=32 * self.weight.numel())
 
+    def column_widths(self):
+        return torch.full((self.weight.shape[1],), 32)
+
 
 class RecordingRTN(Quantizer):
     """Test method: asks for statistics, records what it receives, rounds like RTN (or not at all)."""

@@ -33,6 +33,16 @@ def _int_list(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{value}'") from None
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{value}'")
+    return number
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     parser.add_argument("--protocol", choices=("quick", "full"), default="quick",
@@ -40,13 +50,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "all windows (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE",
                         help="append the result as one JSON line (PROTOCOL's benchmark record) to FILE")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from cmpq.quantizers import QUANTIZERS
-    from cmpq.quantizers.cmpq.quantizer import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="cmpq", description="Quantize LLMs to any bit-width and measure them honestly (see README.md).")
@@ -62,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target bits per weight; for rtn the integer code width 1..8")
     q.add_argument("--group-size", type=int,
                    help="rtn: input channels sharing one scale and zero-point (default: one per output channel)")
-    q.add_argument("--preset", choices=sorted(PRESETS),
-                   help="cmpq: a named set of the options below; 'paper' reproduces the paper's choices (explicit "
-                        "options override it)")
+    presets = sorted({p for cls in QUANTIZERS.values() for p in cls.presets})
+    q.add_argument("--preset", choices=presets,
+                   help="a named set of the method's options; cmpq's 'paper' reproduces the paper's choices "
+                        "(explicit options override it)")
     q.add_argument("--bits-mode", choices=("honest", "code"),
                    help="cmpq: count every stored bit against --bits (honest, default) or code bits only (code, the "
                         "paper's convention; the honest bpw is still reported)")
@@ -101,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--ppl", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
                    help="comma-separated perplexity datasets (default: wikitext2,c4)")
+    i = sub.add_parser("inspect", help="per-layer bit-widths, outliers and bpw of a quantization result",
+                       description="Show per layer the histogram of bit-widths, outlier counts and honest bpw with "
+                                   "its breakdown, and write a PNG heatmap (layers x bit-widths).")
+    i.add_argument("result", metavar="RESULT", help="a .jsonl file written by `cmpq quantize --json`")
+    i.add_argument("--record", type=int, default=-1,
+                   help="which quantization record of the file (0-based; default: the last)")
+    i.add_argument("--png", metavar="FILE", help="heatmap path (default: RESULT with the suffix .widths.png)")
     return parser
 
 
@@ -112,12 +129,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     bits: float | int = args.bits
     if float(bits).is_integer():
         bits = int(bits)
-    options: dict[str, Any] = {}
-    if args.preset is not None:
-        from cmpq.quantizers.cmpq.quantizer import PRESETS
-
-        options.update(PRESETS[args.preset])
-    options["bits"] = bits
+    options: dict[str, Any] = {"bits": bits}
     for field in _METHOD_FIELDS:
         value = getattr(args, field)
         if value is not None:
@@ -137,17 +149,25 @@ def _print_summary(record: dict[str, Any]) -> None:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `argv`, run the command and return its record (raises CmpqError on user errors)."""
     from cmpq import workflow
-    from cmpq.eval.records import append_record
+    from cmpq.data.sources import load_eval_text
+    from cmpq.eval.records import append_record, check_writable
     from cmpq.models.load import load_model
     from cmpq.quantizers import get_quantizer
 
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(args)
     workflow.set_threads(args.threads)
     progress = not args.no_progress
+    if args.json:
+        check_writable(args.json)
     if args.command == "quantize":
-        quantizer = get_quantizer(args.method, **_method_options(args))  # validate before loading anything
+        # Validate everything that can fail before the model is loaded and before any long work.
+        quantizer = get_quantizer(args.method, preset=args.preset, **_method_options(args))
         calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
+        for name in eval_config.datasets:
+            load_eval_text(name)
         loaded = load_model(args.model)
         result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress)
         ppl = workflow.evaluate(loaded, eval_config, progress)
@@ -155,12 +175,26 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                               args.protocol if ppl else None)
     else:
         eval_config = EvalConfig(datasets=args.ppl, protocol=args.protocol)
+        for name in eval_config.datasets:
+            load_eval_text(name)
         loaded = load_model(args.model)
         ppl, seconds = workflow.timed(workflow.evaluate, loaded, eval_config, progress)
         record = workflow.float_record(loaded, ppl, args.protocol, seconds)
     if args.json:
         append_record(args.json, record)
     _print_summary(record)
+    return record
+
+
+def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from cmpq.inspect_result import layer_table, load_record, write_heatmap
+
+    record = load_record(args.result, args.record)
+    print(layer_table(record))
+    png = write_heatmap(record, args.png or Path(args.result).with_suffix(".widths.png"))
+    print(f"heatmap: {png}")
     return record
 
 

@@ -29,7 +29,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Which calibration tokens to use. `source` is c4 | wikitext2 | c4-hub | a path to a text file."""
+    """Which calibration tokens to use. `source` is c4 | wikitext2 | a path to a UTF-8 text file."""
 
     source: str = "c4"
     nsamples: int = 128
@@ -64,6 +64,8 @@ class EvalConfig:
         check(isinstance(self.seqlen, int) and self.seqlen >= 2, "eval.seqlen", "must be an integer >= 2", self.seqlen)
         check(isinstance(self.quick_windows, int) and self.quick_windows >= 1, "eval.quick_windows",
               "must be an integer >= 1", self.quick_windows)
+        check(isinstance(self.datasets, (tuple, list)), "eval.datasets", "must be a tuple of dataset names",
+              self.datasets)
         for name in self.datasets:
             check(name in EVAL_DATASETS, "eval.datasets", f"each must be one of {EVAL_DATASETS}", name)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from cmpq.calibration.capture import capture_block_inputs, run_block
 from cmpq.calibration.stats import LayerStats, StatsRecorder
-from cmpq.errors import CmpqError
+from cmpq.errors import CmpqError, ConfigError
 from cmpq.models.arch import ArchSpec
 from cmpq.quantizers.base import BitBreakdown, QuantizedWeight, Quantizer
 
@@ -49,6 +49,8 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     result = QuantizationResult(method=quantizer.name)
     blocks = arch.blocks(model)
     needs = quantizer.needs()
+    if needs and windows is None:
+        raise ConfigError(f"{quantizer.name} needs calibration statistics {sorted(needs)}: pass calibration windows")
     if needs:
         inputs = capture_block_inputs(model, blocks[0], windows)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)

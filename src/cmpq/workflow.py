@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
+from cmpq.errors import ConfigError
 from cmpq.data.sampling import calibration_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
@@ -19,8 +20,17 @@ from cmpq.pipeline import QuantizationResult, quantize_model
 from cmpq.quantizers import Quantizer
 
 
+def check_context(loaded: LoadedModel, seqlen: int, what: str) -> None:
+    """A clear error instead of an index error deep in the model when windows exceed its context."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise ConfigError(f"{what}: windows of {seqlen} tokens exceed the model's context of {limit}")
+
+
 def evaluate(loaded: LoadedModel, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Perplexity on every dataset of `config`: {dataset: {ppl, windows, tokens, ...}}."""
+    if config.datasets:
+        check_context(loaded, config.seqlen, "eval.seqlen")
     return {name: perplexity(loaded.model, loaded.tokenizer, name, config, progress).as_dict()
             for name in config.datasets}
 
@@ -31,6 +41,7 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     calib_info: dict[str, Any] = {"used": False}
     windows = None
     if quantizer.needs():
+        check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source}
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
@@ -63,6 +74,7 @@ def quantization_record(loaded: LoadedModel, quantizer: Quantizer, result: Quant
         "quant_seconds": result.seconds,
         "peak_rss_mb": peak_rss_mb(),
         **environment(),
+        "layers": {name: qw.summary() for name, qw in result.layers.items()},
     }
 
 
@@ -73,6 +85,7 @@ def float_record(loaded: LoadedModel, ppl: dict[str, Any], protocol: str, second
         "model_source": loaded.source,
         "method": "float",
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "config": None,
         "target_bits": None,
         "bpw": None,
         "code_bpw": None,

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cmpq.errors import UnsupportedArchitectureError
+
 
 class _Stop(Exception):
     pass
@@ -54,7 +56,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
     finally:
         handle.remove()
     if hidden is None:
-        raise RuntimeError("the first transformer block was never called; is the architecture spec right?")
+        raise UnsupportedArchitectureError("the first transformer block was never called; the architecture table "
+                                           "does not match this model")
     return BlockInputs(hidden=hidden, args=call["args"], kwargs=call["kwargs"])
 
 

@@ -1,6 +1,7 @@
 """Per-layer activation statistics gathered by forward hooks, only those the quantizer asks for.
 
-Statistics are sums over calibration tokens (float64, so they are exact enough to be order independent);
+Statistics are sums over calibration tokens, accumulated in float64 (each window's contribution is computed
+in float32, as GPTQ does);
 methods normalise them as their paper does. Several linears that read the same input tensor (q/k/v,
 gate/up) share one computation per forward.
 """

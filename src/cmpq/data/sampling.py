@@ -19,7 +19,7 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens at random offsets, exactly GPTQ's `random.seed(seed); randint`."""
     total = ids.shape[1]
-    if total <= seqlen + 1:
+    if total <= seqlen:  # randint(0, total - seqlen - 1) needs at least seqlen + 1 tokens
         raise DataNotFoundError(f"calibration text has {total} tokens, too few for windows of {seqlen}")
     rng = random.Random(seed)
     starts = [rng.randint(0, total - seqlen - 1) for _ in range(nsamples)]

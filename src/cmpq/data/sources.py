@@ -15,10 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from cmpq.errors import DataNotFoundError
+from cmpq.paths import CHECKOUT
 
 DATA_DIR_ENV = "CMPQ_DATA_DIR"
 WIKITEXT2_TEST = "wikitext2/wiki.test.raw"
-C4_SAMPLE = "c4/c4_validation_2k.jsonl"
+C4_SAMPLE = "c4/c4_validation_2k.jsonl"          # the parquet converted to JSON lines (same rows, PROVENANCE)
+C4_SAMPLE_PARQUET = "c4/c4_validation_2k.parquet"  # the file PROTOCOL names; read when the JSON lines are absent
 C4_EVAL_DOCS = range(0, 1000)
 C4_CALIB_DOCS = range(1000, 2000)
 _C4_HUB_SHARD = "en/c4-validation.00000-of-00008.json.gz"
@@ -30,8 +32,7 @@ def data_dir_candidates() -> list[Path]:
     candidates = []
     if os.environ.get(DATA_DIR_ENV):
         candidates.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
-    checkout = Path(__file__).resolve().parents[3]  # src/cmpq/data/sources.py -> checkout root
-    candidates.append(checkout.parent / "shared" / "data")
+    candidates.append(CHECKOUT.parent / "shared" / "data")
     candidates.append(Path.cwd().parent / "shared" / "data")
     unique: list[Path] = []
     for path in candidates:
@@ -97,14 +98,31 @@ def _c4_hub_docs() -> list[str]:
     return list(data.select(range(2000))["text"])
 
 
+def read_c4_parquet(path: Path) -> list[str]:
+    """The `text` column of the parquet C4 sample (needs pyarrow)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataNotFoundError(f"{path} needs pyarrow to read (pip install pyarrow), or provide "
+                                f"{C4_SAMPLE}") from None
+    return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+
+
 @lru_cache(maxsize=4)
 def _c4_docs() -> tuple[tuple[str, ...], str]:
-    path = find_data_file(C4_SAMPLE)
-    if path is not None:
-        return tuple(read_c4_docs(path)), str(path)
-    if _hub_available():
-        return tuple(_c4_hub_docs()), f"hub:allenai/c4/{_C4_HUB_SHARD}[0:2000]"
-    raise _missing("C4 sample", C4_SAMPLE, ", or install 'datasets' and run where the hub is reachable")
+    docs: list[str] | None = None
+    if (path := find_data_file(C4_SAMPLE)) is not None:
+        docs, source = read_c4_docs(path), str(path)
+    elif (path := find_data_file(C4_SAMPLE_PARQUET)) is not None:
+        docs, source = read_c4_parquet(path), str(path)
+    elif _hub_available():
+        docs, source = _c4_hub_docs(), f"hub:allenai/c4/{_C4_HUB_SHARD}[0:2000]"
+    else:
+        raise _missing("C4 sample", C4_SAMPLE, ", or install 'datasets' and run where the hub is reachable")
+    if len(docs) < C4_CALIB_DOCS.stop:
+        raise DataNotFoundError(f"{source} has {len(docs)} documents; PROTOCOL needs {C4_CALIB_DOCS.stop} "
+                                f"(0..999 evaluation, 1000..1999 calibration)")
+    return tuple(docs), source
 
 
 def load_eval_text(name: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from cmpq.config import EvalConfig
 from cmpq.data.sampling import eval_token_ids
+from cmpq.errors import CmpqError
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class PerplexityResult:
     protocol: str
     ppl: float
     windows: int
-    tokens: int     # predicted tokens: windows x (seqlen - 1)
+    tokens: int     # predicted tokens: windows x (seqlen - 1), the NLL denominator
     seqlen: int
     source: str
     seconds: float
@@ -38,7 +39,7 @@ def window_nll(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
-        raise ValueError(f"text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+        raise CmpqError(f"text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     total = 0.0
     with torch.no_grad():
         for w in tqdm(range(windows), desc=desc, unit="window", disable=not progress):

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-_CHECKOUT = Path(__file__).resolve().parents[3]
+from cmpq.errors import CmpqError
+from cmpq.paths import CHECKOUT
+
 
 
 def peak_rss_mb() -> float:
@@ -28,27 +30,39 @@ def peak_rss_mb() -> float:
 def git_commit() -> str | None:
     """Commit of the checkout the package runs from, with '-dirty' if it has uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_CHECKOUT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_CHECKOUT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=CHECKOUT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
 
 
-def unquantized_storage(model: nn.Module, quantized: set[str]) -> dict[str, int]:
-    """Parameters outside the quantized linears (embeddings, norms, lm_head; tied weights once) and their
-    size stored in 16-bit, reported apart from the quantized layers' bpw as PROTOCOL asks."""
-    params = sum(p.numel() for name, p in model.named_parameters()
-                 if name.rsplit(".", 1)[0] not in quantized)
-    return {"params": params, "bytes_16bit": params * 2}
+def unquantized_storage(model: nn.Module, quantized: set[str]) -> dict[str, Any]:
+    """Parameters other than the quantized weights (embeddings, norms, lm_head, biases; tied weights once) and
+    their size in 16-bit, reported apart from the quantized layers' bpw as PROTOCOL asks."""
+    skip = {f"{name}.weight" for name in quantized}
+    params = sum(p.numel() for name, p in model.named_parameters() if name not in skip)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return {"params": params, "bytes_16bit": params * 2, "evaluated_dtype": dtype}
 
 
 def environment() -> dict[str, Any]:
     return {"threads": torch.get_num_threads(), "git_commit": git_commit(), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before a long run, not after it, when a results file cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise CmpqError(f"--json {path}: is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CmpqError(f"--json {path}: not writable")
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:

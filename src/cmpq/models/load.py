@@ -6,12 +6,13 @@ seconds; a hub id fails fast when the hub is unreachable instead of hanging on r
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import os
-import socket
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -52,17 +53,29 @@ def bundled_smollm2_path() -> Path:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face endpoint opens within `timeout` seconds."""
+    """Whether the Hugging Face endpoint answers an HTTP request within `timeout` seconds (a bare TCP connect is
+    not enough: some sandboxes accept connections to any address and never answer)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "huggingface.co", port), timeout=timeout):
+
+    def connect() -> bool:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
             return True
-    except OSError:
+        except urllib.error.HTTPError:
+            return True  # the hub answered, even if with an error status
+        except (OSError, ValueError):
+            return False
+
+    # DNS resolution is not bounded by the socket timeout: run the attempt in a thread and stop waiting.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(connect).result(timeout=timeout + 1)
+    except concurrent.futures.TimeoutError:
         return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -81,7 +94,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         source = str(path)
     else:
         path = Path(spec).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
+        if path.is_file() and path.suffix.lower() == ".gguf":
             directory, kwargs["gguf_file"] = str(path.parent), path.name
         elif path.is_dir():
             if not (path / "config.json").is_file():

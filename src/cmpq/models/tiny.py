@@ -20,7 +20,7 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB):
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                  max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if family == "llama":
         return tf.LlamaConfig(intermediate_size=80, num_key_value_heads=2, tie_word_embeddings=True, **common)
     if family == "mistral":
@@ -29,7 +29,7 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB):
         return tf.Qwen2Config(intermediate_size=80, num_key_value_heads=2, **common)
     if family == "opt":
         common.pop("max_position_embeddings")
-        return tf.OPTConfig(ffn_dim=80, word_embed_proj_dim=48, max_position_embeddings=512, **common)
+        return tf.OPTConfig(ffn_dim=80, word_embed_proj_dim=48, max_position_embeddings=2048, **common)
     raise ValueError(f"no tiny config for '{family}'; choose from {TINY_FAMILIES}")
 
 

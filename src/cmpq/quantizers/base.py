@@ -64,12 +64,27 @@ class QuantizedWeight(ABC):
     def storage(self) -> BitBreakdown:
         """Every bit this representation stores, at the width it is stored with."""
 
+    @abstractmethod
+    def column_widths(self) -> torch.Tensor:
+        """Code width of every input channel (in_features,), for inspection."""
+
+    def outlier_count(self) -> int:
+        """Weights kept outside the codes (in high precision)."""
+        return 0
+
+    def summary(self) -> dict[str, Any]:
+        """Per-layer facts for records and `cmpq inspect`: shape, width histogram, outliers, bit breakdown."""
+        widths, counts = torch.unique(self.column_widths(), return_counts=True)
+        return {"shape": list(self.shape), "widths": {str(int(w)): int(c) for w, c in zip(widths, counts)},
+                "outliers": self.outlier_count(), "bits": self.storage().as_dict()}
+
 
 class Quantizer(ABC):
     """A quantization method: `Config` is its typed config, `quantize` handles one linear layer."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets, e.g. "paper"
 
     def __init__(self, config: Any = None) -> None:
         config = self.Config() if config is None else config
@@ -88,9 +103,10 @@ class Quantizer(ABC):
     def quantize(self, weight: torch.Tensor, stats: LayerStats) -> QuantizedWeight:
         """Quantize one float weight (out_features, in_features) given its layer's statistics."""
 
-    def target_bits(self) -> float:
-        """The bits-per-weight target this configuration aims at (for records)."""
-        return float(getattr(self.config, "bits"))
+    def target_bits(self) -> float | None:
+        """The honest bits-per-weight target this configuration promises to meet (PROTOCOL: at most the target
+        and within 0.02), or None for fixed formats such as RTN whose `bits` is a code width."""
+        return None
 
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
@@ -104,11 +120,15 @@ def register(cls: type[Quantizer]) -> type[Quantizer]:
     return cls
 
 
-def get_quantizer(name: str, **config_fields: Any) -> Quantizer:
-    """Build the registered quantizer `name` with a config made from `config_fields`."""
+def get_quantizer(name: str, preset: str | None = None, **config_fields: Any) -> Quantizer:
+    """Build the registered quantizer `name` from an optional preset overridden by `config_fields`."""
     if name not in QUANTIZERS:
         raise ConfigError(f"method: unknown quantization method '{name}'; available: {', '.join(sorted(QUANTIZERS))}")
     cls = QUANTIZERS[name]
+    if preset is not None:
+        if preset not in cls.presets:
+            raise ConfigError(f"{name}: no preset '{preset}' (presets: {', '.join(cls.presets) or 'none'})")
+        config_fields = {**cls.presets[preset], **config_fields}
     known = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(config_fields) - known)
     if unknown:

@@ -51,6 +51,9 @@ class UniformQuantizedWeight(QuantizedWeight):
         zero = self.zero.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
         return scale * (self.codes.float() - zero)
 
+    def column_widths(self) -> torch.Tensor:
+        return torch.full((self.codes.shape[1],), self.bits, dtype=torch.uint8)
+
     def storage(self) -> BitBreakdown:
         out, cols = self.codes.shape
         groups = self.scale.numel()

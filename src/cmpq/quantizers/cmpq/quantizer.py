@@ -119,6 +119,12 @@ class CMPQWeight(QuantizedWeight):
         w[self.outlier_rows, self.outlier_cols] = self.outlier_values.float()
         return w
 
+    def column_widths(self) -> torch.Tensor:
+        return self.widths
+
+    def outlier_count(self) -> int:
+        return int(self.outlier_values.numel())
+
     def storage(self) -> BitBreakdown:
         rows, columns = self.shape
         widths = self.widths.long()
@@ -141,6 +147,10 @@ def top_k_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
 class CMPQ(Quantizer):
     name = "cmpq"
     Config = CMPQConfig
+    presets = PRESETS
+
+    def target_bits(self) -> float | None:
+        return float(self.config.bits) if self.config.bits_mode == "honest" else None
 
     def needs(self) -> frozenset[str]:
         return frozenset({"col_sq_sum"})
