@@ -1,14 +1,73 @@
 """1-D k-means (Lloyd) for many columns at once: every row of `values` gets its own sorted codebook.
 
-All rows of one call share k; rows are independent. Two deterministic starts (quantiles, and the uniform
-min-max grid) are run and the better kept per row, so the result is never worse than the min-max grid of
-the same width. Assignment uses the midpoints between sorted centroids (searchsorted), which is exact
-nearest-centroid assignment in 1-D.
+In 1-D every cluster of a nearest-centroid assignment is a contiguous run of the sorted values, so after
+sorting each row once (`SortedRows`, shared by every width tried on a layer), a Lloyd step, the cluster sums
+and the squared error all come from k binary searches and prefix sums per row, never a pass over all
+entries. The "best" start runs Lloyd from quantiles and keeps the uniform min-max grid on rows where that
+is better, so the result is never worse than the min-max grid of the same width.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+class SortedRows:
+    """Each row's included entries sorted ascending (excluded ones pushed to the end as +inf), with prefix
+    sums of values and squares (float64) and the count of included entries per row."""
+
+    def __init__(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        values = values.float()
+        if mask is not None:
+            values = torch.where(mask, values, torch.full_like(values, float("inf")))
+        self.sorted = values.sort(dim=1).values.contiguous()
+        finite = torch.isfinite(self.sorted)
+        self.count = finite.sum(dim=1, keepdim=True)
+        x = torch.where(finite, self.sorted, torch.zeros_like(self.sorted)).double()
+        zero = torch.zeros(values.shape[0], 1, dtype=torch.float64)
+        self.prefix = torch.cat([zero, x.cumsum(dim=1)], dim=1)
+        self.prefix_sq = torch.cat([zero, (x * x).cumsum(dim=1)], dim=1)
+
+    def subset(self, rows: torch.Tensor) -> "SortedRows":
+        """The same structure for a subset of rows (boolean mask or indices)."""
+        out = SortedRows.__new__(SortedRows)
+        out.sorted, out.count = self.sorted[rows], self.count[rows]
+        out.prefix, out.prefix_sq = self.prefix[rows], self.prefix_sq[rows]
+        return out
+
+    def bounds(self, centroids: torch.Tensor) -> torch.Tensor:
+        """(n, k+1) offsets where each centroid's cluster starts in the sorted rows, ending at each count."""
+        mids = (centroids[:, 1:] + centroids[:, :-1]) * 0.5
+        inner = torch.minimum(torch.searchsorted(self.sorted, mids.contiguous(), side="right"), self.count)
+        zeros = torch.zeros_like(self.count)
+        return torch.cat([zeros, inner, self.count], dim=1)
+
+    def cluster_sums(self, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(count, sum, sum of squares) of every cluster, float64, (n, k) each."""
+        lo, hi = bounds[:, :-1], bounds[:, 1:]
+        return ((hi - lo).double(), self.prefix.gather(1, hi) - self.prefix.gather(1, lo),
+                self.prefix_sq.gather(1, hi) - self.prefix_sq.gather(1, lo))
+
+    def sse(self, centroids: torch.Tensor) -> torch.Tensor:
+        """Per-row squared error of nearest-centroid quantization with sorted `centroids` (n, k), float64."""
+        n, s1, s2 = self.cluster_sums(self.bounds(centroids))
+        c = centroids.double()
+        return (s2 - 2 * c * s1 + n * c * c).sum(dim=1).clamp(min=0)
+
+    def quantiles(self, k: int) -> torch.Tensor:
+        """Centroids at the (i + 0.5) / k quantiles of each row's included entries."""
+        levels = (torch.arange(k, dtype=torch.float32) + 0.5) / k
+        index = torch.minimum((levels[None, :] * self.count).long(), (self.count - 1).clamp(min=0))
+        init = self.sorted.gather(1, index)
+        return torch.where(torch.isfinite(init), init, torch.zeros_like(init))
+
+    def minmax_grid(self, k: int) -> torch.Tensor:
+        """The uniform grid of k levels from each row's minimum to its maximum (included entries only)."""
+        empty = self.count[:, 0] == 0
+        lo = torch.where(empty, 0.0, self.sorted[:, 0])
+        hi = torch.where(empty, 0.0, self.sorted.gather(1, (self.count - 1).clamp(min=0))[:, 0])
+        steps = torch.arange(k, dtype=torch.float32) / max(k - 1, 1)
+        return lo[:, None] + (hi - lo)[:, None] * steps[None, :]
 
 
 def assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -19,52 +78,9 @@ def assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(bounds.contiguous(), values.contiguous())
 
 
-def sse(values: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of squared errors of nearest-centroid quantization over the entries where `mask` is True."""
-    err = values - centroids.gather(1, assign(values, centroids))
-    return (err.square() * mask).sum(dim=1)
-
-
-def quantile_init(values: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Centroids at the (i + 0.5) / k quantiles of each row's included entries."""
-    sorted_vals = torch.where(mask, values, torch.full_like(values, float("inf"))).sort(dim=1).values
-    count = mask.sum(dim=1, keepdim=True).clamp(min=1)
-    levels = (torch.arange(k, dtype=torch.float32) + 0.5) / k
-    index = (levels[None, :] * count).long().clamp(max=values.shape[1] - 1)
-    index = torch.minimum(index, count - 1)
-    init = sorted_vals.gather(1, index)
-    return torch.where(torch.isinf(init), torch.zeros_like(init), init)
-
-
-def minmax_init(values: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """The uniform grid of k levels from each row's minimum to its maximum (included entries only)."""
-    big = torch.finfo(values.dtype).max
-    lo = torch.where(mask, values, torch.full_like(values, big)).min(dim=1).values
-    hi = torch.where(mask, values, torch.full_like(values, -big)).max(dim=1).values
-    empty = ~mask.any(dim=1)
-    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    steps = torch.arange(k, dtype=torch.float32) / max(k - 1, 1)
-    return lo[:, None] + (hi - lo)[:, None] * steps[None, :]
-
-
-class SortedRows:
-    """Each row's included entries sorted ascending (excluded ones pushed to the end as +inf), with prefix
-    sums: in 1-D every cluster is a contiguous run of the sorted values, so a Lloyd step needs only k-1
-    binary searches per row instead of a pass over all entries."""
-
-    def __init__(self, values: torch.Tensor, mask: torch.Tensor) -> None:
-        self.sorted = torch.where(mask, values, torch.full_like(values, float("inf"))).sort(dim=1).values.contiguous()
-        self.count = mask.sum(dim=1, keepdim=True)
-        finite = torch.where(torch.isinf(self.sorted), torch.zeros_like(self.sorted), self.sorted).double()
-        self.prefix = torch.cat([torch.zeros(values.shape[0], 1, dtype=torch.float64), finite.cumsum(dim=1)], dim=1)
-
-    def bounds(self, centroids: torch.Tensor) -> torch.Tensor:
-        """(n, k+1) start offsets of each cluster in the sorted rows, ending at each row's count."""
-        mids = (centroids[:, 1:] + centroids[:, :-1]) * 0.5
-        inner = torch.searchsorted(self.sorted, mids.contiguous(), side="right")
-        inner = torch.minimum(inner, self.count)
-        zeros = torch.zeros_like(self.count)
-        return torch.cat([zeros, inner, self.count], dim=1)
+def sse(values: torch.Tensor, mask: torch.Tensor | None, centroids: torch.Tensor) -> torch.Tensor:
+    """Per-row squared error of nearest-centroid quantization over the entries where `mask` is True."""
+    return SortedRows(values, mask).sse(centroids)
 
 
 def lloyd(rows: SortedRows, centroids: torch.Tensor, max_iter: int) -> torch.Tensor:
@@ -75,33 +91,38 @@ def lloyd(rows: SortedRows, centroids: torch.Tensor, max_iter: int) -> torch.Ten
         if previous is not None and torch.equal(bounds, previous):
             break
         previous = bounds
-        sums = rows.prefix.gather(1, bounds[:, 1:]) - rows.prefix.gather(1, bounds[:, :-1])
-        counts = (bounds[:, 1:] - bounds[:, :-1]).double()
+        counts, sums, _ = rows.cluster_sums(bounds)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids.double()).float()
         centroids = centroids.sort(dim=1).values
     return centroids
 
 
-def kmeans_1d(values: torch.Tensor, mask: torch.Tensor | None, k: int, max_iter: int = 100,
-              init: str = "best") -> torch.Tensor:
-    """Sorted float32 codebooks (n, k) minimising each row's squared error over its included entries.
+def fit(rows: SortedRows, k: int, max_iter: int = 100, init: str | torch.Tensor = "best") -> torch.Tensor:
+    """Sorted float32 codebooks (n, k) minimising each row's squared error.
 
-    values: (n, m) float32, one row per column of the weight; mask: (n, m) bool, False for entries excluded
-    from the fit (outliers); init: "best" (both starts, keep the better), "quantile", or "minmax" (the
-    min-max grid itself, no iterations: the uniform-grid ablation).
+    init: "best" (Lloyd from quantiles, replaced by the min-max grid on rows where the grid is better),
+    "quantile", "minmax" (the min-max grid itself, no iterations: the uniform-grid ablation), or a (n, k)
+    tensor of starting centroids (warm start, e.g. a refit after removing outliers).
     """
-    values = values.float()
-    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+    if isinstance(init, torch.Tensor):
+        return lloyd(rows, init.float(), max_iter)
     if init == "minmax":
-        return minmax_init(values, mask, k)
-    rows = SortedRows(values, mask)
-    from_grid = lloyd(rows, minmax_init(values, mask, k), max_iter)
-    if init == "quantile" or init == "best":
-        from_quantiles = lloyd(rows, quantile_init(values, mask, k), max_iter)
-        if init == "quantile":
-            return from_quantiles
-        better = sse(values, mask, from_quantiles) <= sse(values, mask, from_grid)
-        return torch.where(better[:, None], from_quantiles, from_grid)
-    if init == "grid":
-        return from_grid
-    raise ValueError(f"unknown k-means init '{init}'")
+        return rows.minmax_grid(k)
+    if init not in ("best", "quantile"):
+        raise ValueError(f"unknown k-means init '{init}'")
+    fitted = lloyd(rows, rows.quantiles(k), max_iter)
+    if init == "quantile":
+        return fitted
+    grid = rows.minmax_grid(k)
+    return torch.where((rows.sse(fitted) <= rows.sse(grid))[:, None], fitted, grid)
+
+
+def kmeans_1d(values: torch.Tensor, mask: torch.Tensor | None, k: int, max_iter: int = 100,
+              init: str | torch.Tensor = "best") -> torch.Tensor:
+    """`fit` on the rows of `values` (n, m), excluding entries where `mask` (n, m) is False."""
+    return fit(SortedRows(values, mask), k, max_iter, init)
+
+
+def minmax_init(values: torch.Tensor, mask: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The min-max grid of each row (for comparisons in tests and ablations)."""
+    return SortedRows(values, mask).minmax_grid(k)

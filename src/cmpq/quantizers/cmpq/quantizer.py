@@ -21,7 +21,7 @@ from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
-from cmpq.quantizers.cmpq.kmeans import assign, kmeans_1d, sse
+from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
 CODEBOOK_FORMATS = {"fp16": 16, "int8": 8}
@@ -198,9 +198,13 @@ class CMPQ(Quantizer):
         return best
 
     # --- fitting ---------------------------------------------------------------------------------------------
-    def _fit(self, values: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
-        init = "minmax" if self.config.grid == "minmax" else "best"
-        return self._round_codebooks(kmeans_1d(values, keep, 2**width, self.config.kmeans_iters, init=init))
+    def _fit(self, rows: SortedRows, width: int, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored codebooks for sorted rows; `start` warm-starts Lloyd from existing codebooks (refits)."""
+        if self.config.grid == "minmax":
+            init: str | torch.Tensor = "minmax"
+        else:
+            init = "best" if start is None else start
+        return self._round_codebooks(fit(rows, 2**width, self.config.kmeans_iters, init=init))
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats) -> CMPQWeight:
         config = self.config
@@ -215,10 +219,11 @@ class CMPQ(Quantizer):
         cost = self._column_cost(rows)
         tolerance = BUDGET_TOLERANCE_BPW * numel
         fits: dict[int, torch.Tensor] = {}
+        sorted_cols = SortedRows(values, keep)   # sorted once, shared by every width
         if config.allocation == "error":
             for width in config.bit_set:
-                fits[width] = self._fit(values, keep, width)
-            errors = torch.stack([sse(values, keep, fits[b]) for b in config.bit_set], dim=1)
+                fits[width] = self._fit(sorted_cols, width)
+            errors = torch.stack([sorted_cols.sse(fits[b]) for b in config.bit_set], dim=1)
             weighted = errors * s[:, None].double() ** 2
             index = self._allocate(lambda budget: allocate_greedy(weighted, cost, budget, tolerance),
                                    lambda index: weighted.gather(1, index[:, None]).sum().item(),
@@ -231,7 +236,7 @@ class CMPQ(Quantizer):
         widths = torch.tensor(config.bit_set)[index]
 
         codebooks = torch.zeros(columns, 2 ** max(config.bit_set))
-        self._fit_columns(values, keep, widths, codebooks, fits, torch.ones(columns, dtype=torch.bool))
+        self._fit_columns(sorted_cols, widths, codebooks, fits, torch.ones(columns, dtype=torch.bool))
         codes = self._codes(values, widths, codebooks)
         outliers = act_mask
         if n_q:
@@ -239,8 +244,8 @@ class CMPQ(Quantizer):
             error = (w - deq).abs() * s[None, :]
             q_mask = top_k_mask(error.masked_fill(act_mask, -1.0), n_q)
             outliers = act_mask | q_mask
-            keep = ~outliers.T
-            self._fit_columns(values, keep, widths, codebooks, {}, q_mask.any(dim=0))
+            refit = q_mask.any(dim=0)
+            self._fit_columns(SortedRows(values[refit], ~outliers.T[refit]), widths, codebooks, {}, refit, warm=True)
             codes = self._codes(values, widths, codebooks)
         rows_idx, cols_idx = outliers.nonzero(as_tuple=True)   # row-major order, as CSR stores them
         return CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
@@ -257,11 +262,18 @@ class CMPQ(Quantizer):
             score = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(self.config.seed))
         return torch.sort(score, descending=True, stable=True).indices
 
-    def _fit_columns(self, values, keep, widths, codebooks, fits, refit: torch.Tensor) -> None:
-        """Fill `codebooks` rows where `refit` is True, by width (reusing `fits` made on the same mask)."""
+    def _fit_columns(self, rows: SortedRows, widths, codebooks, fits, refit: torch.Tensor, warm: bool = False) \
+            -> None:
+        """Fill `codebooks` rows where `refit` is True, by width. `rows` holds the sorted columns selected by
+        `refit`; `fits` are codebooks already fitted on them; with `warm`, Lloyd restarts from the current
+        codebooks, which converges in a few steps."""
         for width in torch.unique(widths[refit]).tolist():
             cols = (widths == width) & refit
-            centroids = fits[width][cols] if width in fits else self._fit(values[cols], keep[cols], width)
+            if width in fits:
+                centroids = fits[width][cols[refit]]
+            else:
+                start = codebooks[cols, : 2**width] if warm else None
+                centroids = self._fit(rows.subset(cols[refit]), width, start)
             codebooks[cols, : 2**width] = centroids
         if self.config.codebook == "int8":
             self._layer_int8(codebooks, widths)
