@@ -32,12 +32,23 @@ ABLATIONS = {
     "min-max grid per column": {"grid": "minmax"},
 }
 RTN = [(b, g) for b in (2, 3, 4) for g in (None, 128)]
+# Beyond-the-paper settings tried at 3.0 bpw to choose BEST (each measured and shown in the table).
+EXPLORE = {
+    "error allocation": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6)},
+    "error + int8 codebooks": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8"},
+    "error + model-wide budget": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "allocation_scope": "model"},
+    "error + model-wide + int8": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "allocation_scope": "model",
+                                  "codebook": "int8"},
+    "error + int8, outliers 0.2%+0.05%": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
+                                          "act_outliers": 0.002},
+}
 
 
 def cells() -> list[tuple[str, Cell]]:
     rows: list[tuple[str, Cell]] = [("float32", Cell("float"))]
     rows += [(f"CMPQ paper @ {t}", Cell("cmpq", {**PAPER, "bits": t})) for t in TARGETS]
     rows += [(f"CMPQ best @ {t}", Cell("cmpq", {**BEST, "bits": t})) for t in TARGETS]
+    rows += [(f"explore @ 3.0: {name}", Cell("cmpq", {**PAPER, **opts, "bits": 3.0})) for name, opts in EXPLORE.items()]
     rows += [(f"RTN {b}-bit {'g' + str(g) if g else 'per-channel'}", Cell("rtn", {"bits": b, "group_size": g}))
              for b, g in RTN]
     for t in ABLATION_TARGETS:

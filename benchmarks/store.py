@@ -15,6 +15,7 @@ import torch
 
 from cmpq import workflow
 from cmpq.config import CalibConfig, EvalConfig
+from cmpq.errors import CmpqError
 from cmpq.eval.records import append_record, read_records
 from cmpq.models.load import LoadedModel, load_model
 from cmpq.quantizers import get_quantizer
@@ -45,8 +46,16 @@ def _jsonable(config: Any) -> dict[str, Any]:
 
 
 def record_key(record: dict[str, Any]) -> str:
+    """The key of a stored record; its config is rebuilt through the method's current Config, so records
+    written before a field was added match cells that use that field's default."""
     calib = record.get("calibration") or {}
-    return json.dumps({"model": record["model"], "method": record["method"], "config": record.get("config"),
+    config = record.get("config")
+    if config is not None:
+        try:
+            config = _jsonable(get_quantizer(record["method"], **config).config)
+        except CmpqError:
+            pass  # a field that no longer exists: the record matches no current cell
+    return json.dumps({"model": record["model"], "method": record["method"], "config": config,
                        "calib": [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"]]
                        if calib.get("used") else None,
                        "protocol": record["protocol"]}, sort_keys=True)

@@ -139,3 +139,31 @@ def test_unreachable_targets_fail_clearly():
         get_quantizer("cmpq", bits=2.0, bit_set=(2, 3)).quantize(w, stats)
     with pytest.raises(CmpqError, match="widest width"):
         get_quantizer("cmpq", bits=7.5, bit_set=(2, 3)).quantize(w, stats)
+
+
+def test_model_wide_budget_meets_the_model_target_and_moves_bits_between_layers():
+    from cmpq.models.arch import find_arch
+    from cmpq.models.tiny import TINY_VOCAB, tiny_model
+    from cmpq.pipeline import quantize_model
+
+    windows = torch.randint(3, TINY_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for scope in ("layer", "model"):
+        model = tiny_model("llama")
+        with torch.no_grad():  # make one layer matter much more than the others
+            model.model.layers[1].mlp.down_proj.weight.mul_(8)
+        quantizer = get_quantizer("cmpq", bits=4.0, allocation="error", allocation_scope=scope)
+        results[scope] = quantize_model(model, find_arch(model), quantizer, windows, progress=False)
+    model_wide = results["model"].storage()
+    assert 3.98 <= model_wide.bpw <= 4.0
+    per_layer = {name: qw.storage().bpw for name, qw in results["model"].layers.items()}
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.5  # bits moved between layers
+    assert per_layer["model.layers.1.mlp.down_proj"] == max(per_layer.values())
+    spread = [qw.storage().bpw for qw in results["layer"].layers.values()]
+    assert max(spread) <= 4.0  # (on 48-row layers one column step is worth up to 0.09 bpw, so no lower bound)
+    assert sum(qw.storage().total for qw in results["layer"].layers.values()) < model_wide.total
+
+
+def test_model_scope_needs_error_allocation():
+    with pytest.raises(ConfigError, match="cmpq.allocation_scope"):
+        CMPQConfig(allocation_scope="model")

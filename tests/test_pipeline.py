@@ -48,7 +48,7 @@ class RecordingRTN(Quantizer):
     def needs(self):
         return self._needs
 
-    def quantize(self, weight, stats) -> QuantizedWeight:
+    def quantize(self, weight, stats, name="") -> QuantizedWeight:
         self.seen.append(stats)
         return Unchanged(weight.clone()) if self.identity else quantize_uniform(weight, self.config.bits, None)
 

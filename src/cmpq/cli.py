@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cmpq: activation = the paper (columns with the largest ||X_j|| get the higher of the two "
                         "widths around the budget); error = greedy on activation-weighted k-means error per stored "
                         "bit; magnitude / random = ablations (default: activation)")
+    q.add_argument("--allocation-scope", choices=("layer", "model"),
+                   help="cmpq: one bit budget per layer (default, the paper) or one for the whole model, bits "
+                        "flowing to the layers where they reduce the weighted error most (needs --allocation error; "
+                        "adds a measuring pass)")
     q.add_argument("--act-outliers", type=float,
                    help="cmpq: fraction of weights kept in FP16 by largest |W_ij|*||X_j|| (default: 0.0045)")
     q.add_argument("--q-outliers", type=float,
@@ -122,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # CLI options that map one-to-one onto fields of a method's Config; a method without the field rejects them.
-_METHOD_FIELDS = ("group_size", "bits_mode", "bit_set", "allocation", "act_outliers", "q_outliers", "codebook", "grid")
+_METHOD_FIELDS = ("group_size", "bits_mode", "bit_set", "allocation", "allocation_scope", "act_outliers",
+                  "q_outliers", "codebook", "grid")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     needs = quantizer.needs()
     if needs and windows is None:
         raise ConfigError(f"{quantizer.name} needs calibration statistics {sorted(needs)}: pass calibration windows")
+    if quantizer.measures_model():
+        _measure_model(model, arch, quantizer, windows, needs, progress)
     if needs:
         inputs = capture_block_inputs(model, blocks[0], windows)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
@@ -66,7 +68,7 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                 linear = linears[name]
                 full_name = f"{arch.blocks_path}.{index}.{name}"
                 try:
-                    qw = quantizer.quantize(linear.weight.data, stats.get(name, LayerStats()))
+                    qw = quantizer.quantize(linear.weight.data, stats.get(name, LayerStats()), full_name)
                 except CmpqError as exc:  # say which layer: targets can be unreachable for one shape only
                     raise type(exc)(f"{full_name} {tuple(linear.weight.shape)}: {exc}") from exc
                 with torch.no_grad():
@@ -80,11 +82,28 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     return result
 
 
-def _gather(block: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str], inputs, hidden) \
-        -> dict[str, LayerStats]:
+def _gather(block: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str], inputs, hidden,
+            out: torch.Tensor | None = None) -> dict[str, LayerStats]:
+    """Statistics of `linears` over one pass of the windows through `block` (outputs into `out` if given)."""
     recorder = StatsRecorder(linears, needs)
     try:
-        run_block(block, inputs, hidden, None, after_each=recorder.flush)
+        run_block(block, inputs, hidden, out, after_each=recorder.flush)
     finally:
         stats = recorder.close()
     return stats
+
+
+def _measure_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor,
+                   needs: frozenset[str], progress: bool) -> None:
+    """Show the quantizer every layer of the float model (one pass per block, float outputs passed on), then
+    let it plan model-wide; the sequential quantization pass follows."""
+    blocks = arch.blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], windows)
+    hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
+    for index in tqdm(range(len(blocks)), desc=f"measure [{quantizer.name}]", unit="block", disable=not progress):
+        linears = arch.block_linears(blocks[index])
+        stats = _gather(blocks[index], linears, needs, inputs, hidden, out=spare)
+        for name, linear in linears.items():
+            quantizer.measure(f"{arch.blocks_path}.{index}.{name}", linear.weight.data, stats[name])
+        hidden, spare = spare, hidden
+    quantizer.plan()

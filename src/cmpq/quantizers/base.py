@@ -100,8 +100,20 @@ class Quantizer(ABC):
         return frozenset()
 
     @abstractmethod
-    def quantize(self, weight: torch.Tensor, stats: LayerStats) -> QuantizedWeight:
-        """Quantize one float weight (out_features, in_features) given its layer's statistics."""
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, name: str = "") -> QuantizedWeight:
+        """Quantize one float weight (out_features, in_features) given its layer's statistics; `name` is the
+        layer's full module name (used by methods that planned per layer in `plan`)."""
+
+    def measures_model(self) -> bool:
+        """Whether the engine must first show this method every layer (`measure`) and call `plan` before
+        quantizing, e.g. to share one bit budget across the whole model."""
+        return False
+
+    def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
+        """Record what `plan` needs about one layer (float weights, statistics of the float model)."""
+
+    def plan(self) -> None:
+        """Decide model-wide choices from everything `measure` recorded."""
 
     def target_bits(self) -> float | None:
         """The honest bits-per-weight target this configuration promises to meet (PROTOCOL: at most the target

@@ -78,7 +78,7 @@ class RTN(Quantizer):
     name = "rtn"
     Config = RTNConfig
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats) -> UniformQuantizedWeight:
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, name: str = "") -> UniformQuantizedWeight:
         return quantize_uniform(weight, self.config.bits, self.config.group_size)
 
 

@@ -20,7 +20,9 @@ class UnreachableTargetError(CmpqError):
 
 
 def _check_reachable(columns: int, cost: torch.Tensor, budget: float, tolerance: float) -> None:
-    lowest, highest = columns * cost.min().item(), columns * cost.max().item()
+    """cost: (n_widths,) per column, or (columns, n_widths) when columns differ (model-wide budgets)."""
+    per_column = cost.expand(columns, cost.shape[-1])
+    lowest, highest = per_column[:, 0].sum().item(), per_column[:, -1].sum().item()
     if lowest > budget:
         raise UnreachableTargetError(f"the budget is {budget:.0f} bits but even the narrowest width needs "
                                      f"{lowest:.0f}")
@@ -51,7 +53,8 @@ def allocate_greedy(weighted_error: torch.Tensor, cost: torch.Tensor, budget: fl
         -> torch.Tensor:
     """Per-column width index maximising the error reduction per stored bit.
 
-    weighted_error: (in, n_widths) s_j^2 * SSE of column j at each width; cost: (n_widths,) increasing.
+    weighted_error: (in, n_widths) s_j^2 * SSE of column j at each width; cost: bits per column at each width,
+    increasing, (n_widths,) or (in, n_widths) when columns come from layers of different heights.
     Each column's successive upgrades are ranked by gain per bit made non-increasing (a running minimum),
     so sorting all upgrades globally takes every column's upgrades in order.
     """
@@ -60,20 +63,21 @@ def allocate_greedy(weighted_error: torch.Tensor, cost: torch.Tensor, budget: fl
     index = torch.zeros(columns, dtype=torch.long)
     if widths == 1:
         return index
-    step_cost = (cost[1:] - cost[:-1]).double()                                  # (n_widths - 1,)
-    gain = (weighted_error[:, :-1] - weighted_error[:, 1:]).double() / step_cost  # (in, n_widths - 1)
+    cost = cost.double().expand(columns, widths)
+    step_cost = cost[:, 1:] - cost[:, :-1]                                          # (in, n_widths - 1)
+    gain = (weighted_error[:, :-1] - weighted_error[:, 1:]).double() / step_cost
     gain = torch.cummin(gain, dim=1).values
     ranked = torch.sort(gain.flatten(), descending=True, stable=True).indices
-    left = budget - columns * cost[0].item()
-    spent = torch.cumsum(step_cost.repeat(columns)[ranked], dim=0)
+    left = budget - cost[:, 0].sum().item()
+    spent = torch.cumsum(step_cost.flatten()[ranked], dim=0)
     prefix = int((spent <= left).sum())
     index += torch.bincount(ranked[:prefix] // (widths - 1), minlength=columns)
     left -= spent[prefix - 1].item() if prefix else 0.0
     # Past the first upgrade that does not fit, cheaper later ones may still: take each that is its column's next.
-    level, steps = index.tolist(), step_cost.tolist()
+    level, steps = index.tolist(), step_cost.flatten().tolist()
     for flat in ranked[prefix:].tolist():
         column, step = divmod(flat, widths - 1)
-        if level[column] == step and steps[step] <= left:
+        if level[column] == step and steps[flat] <= left:
             level[column] += 1
-            left -= steps[step]
+            left -= steps[flat]
     return torch.tensor(level, dtype=torch.long)

@@ -19,11 +19,13 @@ import torch
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
+from cmpq.errors import CmpqError
 from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
+SCOPES = ("layer", "model")
 CODEBOOK_FORMATS = {"fp16": 16, "int8": 8}
 GRIDS = ("kmeans", "minmax")
 BITS_MODES = ("honest", "code")
@@ -35,7 +37,8 @@ class CMPQConfig:
     """bits: target bits per weight (any real), counted as every stored bit (`bits_mode="honest"`) or as code
     bits only (`"code"`, the paper's convention); bit_set: widths a column may get; allocation: how columns
     are ranked (activation = the paper, error = greedy on weighted k-means error, magnitude / random =
-    ablations); act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
+    ablations); allocation_scope: one budget per layer (the paper) or one for the whole model (bits flow to the
+    layers whose weighted error they reduce most; needs allocation="error"); act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
     codebook entries (fp16, or int8 codes of a per-layer FP16 scale and offset); grid: kmeans, or the
     min-max uniform grid per column (ablation)."""
 
@@ -43,6 +46,7 @@ class CMPQConfig:
     bits_mode: str = "honest"
     bit_set: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     allocation: str = "activation"
+    allocation_scope: str = "layer"
     act_outliers: float = 0.0045
     q_outliers: float = 0.0005
     codebook: str = "fp16"
@@ -60,6 +64,11 @@ class CMPQConfig:
               f"is unreachable: below the narrowest width of bit_set {list(self.bit_set)}", self.bits)
         check(self.bits_mode in BITS_MODES, "cmpq.bits_mode", f"must be one of {BITS_MODES}", self.bits_mode)
         check(self.allocation in ALLOCATIONS, "cmpq.allocation", f"must be one of {ALLOCATIONS}", self.allocation)
+        check(self.allocation_scope in SCOPES, "cmpq.allocation_scope", f"must be one of {SCOPES}",
+              self.allocation_scope)
+        check(self.allocation_scope == "layer" or self.allocation == "error", "cmpq.allocation_scope",
+              "'model' compares columns of different layers by weighted error: it needs allocation='error'",
+              self.allocation_scope)
         for name in ("act_outliers", "q_outliers"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and 0 <= value < 0.5, f"cmpq.{name}",
@@ -149,6 +158,11 @@ class CMPQ(Quantizer):
     Config = CMPQConfig
     presets = PRESETS
 
+    def __init__(self, config: CMPQConfig | None = None) -> None:
+        super().__init__(config)
+        self._measured: dict[str, tuple[torch.Tensor, torch.Tensor, float, int]] = {}
+        self._plan: dict[str, torch.Tensor] = {}
+
     def target_bits(self) -> float | None:
         return float(self.config.bits) if self.config.bits_mode == "honest" else None
 
@@ -206,33 +220,88 @@ class CMPQ(Quantizer):
             init = "best" if start is None else start
         return self._round_codebooks(fit(rows, 2**width, self.config.kmeans_iters, init=init))
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats) -> CMPQWeight:
-        config = self.config
+    def _prepare(self, weight: torch.Tensor, stats: LayerStats):
+        """Channel norms, O_act mask, the columns as rows (in, out), and those rows sorted once (outliers out)."""
         w = weight.float()
-        rows, columns = w.shape
-        s = stats.col_norm() if "col_sq_sum" in stats.values else torch.ones(columns)
-        numel = rows * columns
-        n_act, n_q = round(config.act_outliers * numel), round(config.q_outliers * numel)
-        act_mask = top_k_mask(w.abs() * s[None, :], n_act)
-        values, keep = w.T.contiguous(), ~act_mask.T                          # one row per column
+        s = stats.col_norm() if "col_sq_sum" in stats.values else torch.ones(w.shape[1])
+        act_mask = top_k_mask(w.abs() * s[None, :], round(self.config.act_outliers * w.numel()))
+        values = w.T.contiguous()
+        return w, s, act_mask, values, SortedRows(values, ~act_mask.T)
 
+    def _n_outliers(self, numel: int) -> int:
+        return round(self.config.act_outliers * numel) + round(self.config.q_outliers * numel)
+
+    def _measure(self, sorted_cols: SortedRows, s: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Codebooks at every width of the bit set and the weighted errors s_j^2 * SSE_j, (in, n_widths)."""
+        fits = {width: self._fit(sorted_cols, width) for width in self.config.bit_set}
+        errors = torch.stack([sorted_cols.sse(fits[b]) for b in self.config.bit_set], dim=1)
+        return fits, errors * s[:, None].double() ** 2
+
+    def measures_model(self) -> bool:
+        return self.config.allocation_scope == "model"
+
+    def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
+        _, s, _, _, sorted_cols = self._prepare(weight, stats)
+        _, weighted = self._measure(sorted_cols, s)
+        rows, columns = weight.shape
+        no_map = self._budget(rows, columns, self._n_outliers(rows * columns), 1) + map_bits(columns, 1)
+        self._measured[name] = (weighted, self._column_cost(rows), self.config.bits * rows * columns - no_map,
+                                rows * columns)
+
+    def plan(self) -> None:
+        """One greedy allocation over the columns of every layer, within the model's total budget.
+
+        Each layer's width map costs depend on how many widths it ends up using: plan first as if every layer
+        used the whole bit set, then re-plan with the maps the plan actually needs while the total still fits.
+        """
+        names = list(self._measured)
+        sizes = [self._measured[n][0].shape[0] for n in names]
+        weighted = torch.cat([self._measured[n][0] for n in names])
+        cost = torch.cat([self._measured[n][1].expand(size, -1) for n, size in zip(names, sizes)])
+        numel = sum(self._measured[n][3] for n in names)
+        target = self.config.bits * numel
+        fixed = sum(self._measured[n][2] for n in names)
+
+        def maps(index: torch.Tensor | None) -> int:
+            parts = index.split(sizes) if index is not None else [None] * len(sizes)
+            return sum(map_bits(size, len(self.config.bit_set) if part is None else int(torch.unique(part).numel()))
+                       for size, part in zip(sizes, parts))
+
+        def total(index: torch.Tensor) -> float:
+            return cost.gather(1, index[:, None]).sum().item() + fixed + maps(index)
+
+        index = allocate_greedy(weighted, cost, target - fixed - maps(None), BUDGET_TOLERANCE_BPW * numel)
+        for _ in range(3):
+            retry = allocate_greedy(weighted, cost, target - fixed - maps(index), BUDGET_TOLERANCE_BPW * numel)
+            if total(retry) > target or torch.equal(retry, index):
+                break
+            index = retry
+        self._plan = dict(zip(names, index.split(sizes)))
+        self._measured.clear()
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, name: str = "") -> CMPQWeight:
+        config = self.config
+        w, s, act_mask, values, sorted_cols = self._prepare(weight, stats)
+        rows, columns = w.shape
+        numel = rows * columns
+        n_outliers, n_q = self._n_outliers(numel), round(config.q_outliers * numel)
         cost = self._column_cost(rows)
         tolerance = BUDGET_TOLERANCE_BPW * numel
         fits: dict[int, torch.Tensor] = {}
-        sorted_cols = SortedRows(values, keep)   # sorted once, shared by every width
-        if config.allocation == "error":
-            for width in config.bit_set:
-                fits[width] = self._fit(sorted_cols, width)
-            errors = torch.stack([sorted_cols.sse(fits[b]) for b in config.bit_set], dim=1)
-            weighted = errors * s[:, None].double() ** 2
+        if self.measures_model():
+            if name not in self._plan:
+                raise CmpqError(f"no model-wide allocation for layer '{name}': was it measured?")
+            index = self._plan[name]
+        elif config.allocation == "error":
+            fits, weighted = self._measure(sorted_cols, s)
             index = self._allocate(lambda budget: allocate_greedy(weighted, cost, budget, tolerance),
                                    lambda index: weighted.gather(1, index[:, None]).sum().item(),
-                                   rows, columns, n_act + n_q)
+                                   rows, columns, n_outliers)
         else:
             order = self._order(w, s)
             index = self._allocate(lambda budget: allocate_ranked(order, cost, budget, tolerance),
                                    lambda index: -cost[index].sum().item(),  # the paper's rule: spend all
-                                   rows, columns, n_act + n_q)
+                                   rows, columns, n_outliers)
         widths = torch.tensor(config.bit_set)[index]
 
         codebooks = torch.zeros(columns, 2 ** max(config.bit_set))
