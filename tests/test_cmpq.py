@@ -167,3 +167,39 @@ def test_model_wide_budget_meets_the_model_target_and_moves_bits_between_layers(
 def test_model_scope_needs_error_allocation():
     with pytest.raises(ConfigError, match="cmpq.allocation_scope"):
         CMPQConfig(allocation_scope="model")
+
+
+def correlated_inputs(tokens=512, cols=80, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    return (torch.randn(tokens, cols, generator=g) @ mix) * (torch.rand(cols, generator=g) * 3)
+
+
+@pytest.mark.parametrize("codebook", ["fp16", "int8"])
+def test_error_feedback_lowers_the_layer_output_error(codebook):
+    w, _ = layer(rows=96, cols=80)
+    x = correlated_inputs()
+    stats = LayerStats(tokens=x.shape[0], values={"col_sq_sum": (x.double() ** 2).sum(0),
+                                                  "hessian": (x.T @ x).double()})
+    out = {}
+    for feedback in (False, True):
+        q = get_quantizer("cmpq", bits=3.0, allocation="error", codebook=codebook, error_feedback=feedback)
+        assert ("hessian" in q.needs()) == feedback
+        qw = q.quantize(w, stats)
+        assert 2.98 <= qw.storage().bpw <= 3.0
+        out[feedback] = ((x @ (qw.dequantize() - w).T) ** 2).sum().item()
+        deq = qw.dequantize()
+        assert torch.equal(deq[qw.outlier_rows, qw.outlier_cols], qw.outlier_values.float())
+        kept = torch.ones_like(deq, dtype=torch.bool)
+        kept[qw.outlier_rows, qw.outlier_cols] = False
+        lookup = qw.codebooks.gather(1, qw.codes.T.long()).T  # every non-outlier weight is a codebook entry
+        assert torch.equal(deq[kept], lookup[kept])
+    assert out[True] < 0.8 * out[False]
+
+
+def test_error_feedback_with_an_identity_quantizer_changes_nothing():
+    from cmpq.quantizers.error_feedback import quantize_with_feedback
+
+    w, x = torch.randn(16, 40), correlated_inputs(cols=40)
+    q = quantize_with_feedback(w, x.T @ x, lambda j, column: column, act_order=True, block_size=16)
+    torch.testing.assert_close(q, w)

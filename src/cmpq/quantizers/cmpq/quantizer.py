@@ -23,6 +23,7 @@ from cmpq.errors import CmpqError
 from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
+from cmpq.quantizers.error_feedback import quantize_with_feedback
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
 SCOPES = ("layer", "model")
@@ -40,7 +41,9 @@ class CMPQConfig:
     ablations); allocation_scope: one budget per layer (the paper) or one for the whole model (bits flow to the
     layers whose weighted error they reduce most; needs allocation="error"); act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
     codebook entries (fp16, or int8 codes of a per-layer FP16 scale and offset); grid: kmeans, or the
-    min-max uniform grid per column (ablation)."""
+    min-max uniform grid per column (ablation); error_feedback: GPTQ's column-by-column error compensation
+    with the per-column codebooks (Hessian X^T X, damping `damp`, columns by decreasing Hessian diagonal if
+    `act_order`), codebooks refitted on the updated weights for every block of 128 columns."""
 
     bits: float = 3.0
     bits_mode: str = "honest"
@@ -51,6 +54,9 @@ class CMPQConfig:
     q_outliers: float = 0.0005
     codebook: str = "fp16"
     grid: str = "kmeans"
+    error_feedback: bool = False
+    damp: float = 0.01
+    act_order: bool = True
     kmeans_iters: int = 100
     seed: int = 0
 
@@ -76,6 +82,7 @@ class CMPQConfig:
         check(self.codebook in CODEBOOK_FORMATS, "cmpq.codebook", f"must be one of {tuple(CODEBOOK_FORMATS)}",
               self.codebook)
         check(self.grid in GRIDS, "cmpq.grid", f"must be one of {GRIDS}", self.grid)
+        check(isinstance(self.damp, (int, float)) and 0 < self.damp < 1, "cmpq.damp", "must be in (0, 1)", self.damp)
         check(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 1, "cmpq.kmeans_iters",
               "must be an integer >= 1", self.kmeans_iters)
 
@@ -167,11 +174,11 @@ class CMPQ(Quantizer):
         return float(self.config.bits) if self.config.bits_mode == "honest" else None
 
     def needs(self) -> frozenset[str]:
-        return frozenset({"col_sq_sum"})
+        return frozenset({"col_sq_sum", "hessian"} if self.config.error_feedback else {"col_sq_sum"})
 
     # --- storage helpers -------------------------------------------------------------------------------------
     def _round_codebooks(self, centroids: torch.Tensor) -> torch.Tensor:
-        """Centroids as stored: FP16 values (the int8 format is applied per layer in `_layer_int8`)."""
+        """Centroids as stored: FP16 values (int8 codebooks are then rounded per layer in `_fit_columns`)."""
         return centroids.half().float()
 
     def _column_cost(self, rows: int) -> torch.Tensor:
@@ -316,10 +323,45 @@ class CMPQ(Quantizer):
             refit = q_mask.any(dim=0)
             self._fit_columns(SortedRows(values[refit], ~outliers.T[refit]), widths, codebooks, {}, refit, warm=True)
             codes = self._codes(values, widths, codebooks)
+        final = w
+        if config.error_feedback:
+            final = self._feedback(w, stats["hessian"], widths, codebooks, outliers)
+            codes = self._codes(final.T.contiguous(), widths, codebooks)
         rows_idx, cols_idx = outliers.nonzero(as_tuple=True)   # row-major order, as CSR stores them
         return CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
                           codebooks=codebooks, outlier_rows=rows_idx, outlier_cols=cols_idx,
-                          outlier_values=w[rows_idx, cols_idx].half(), codebook_format=config.codebook)
+                          outlier_values=final[rows_idx, cols_idx].half(), codebook_format=config.codebook)
+
+    def _feedback(self, w: torch.Tensor, hessian: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor,
+                  outliers: torch.Tensor) -> torch.Tensor:
+        """GPTQ error feedback with the per-column codebooks (refitted per block on the updated weights);
+        outlier positions keep their updated value in FP16. Returns the quantized weight (out, in)."""
+        maxk = codebooks.shape[1]
+        unused = torch.arange(maxk - 1)[None, :] >= (2 ** widths.long() - 1)[:, None]
+        used = torch.arange(maxk)[None, :] < (2 ** widths.long())[:, None]
+        int8_grid = self._int8_grid(codebooks, used) if self.config.codebook == "int8" else None
+        mids = torch.zeros(codebooks.shape[0], maxk - 1)
+
+        def refresh(columns: torch.Tensor) -> None:
+            mids[columns] = ((codebooks[columns, 1:] + codebooks[columns, :-1]) * 0.5).masked_fill(unused[columns],
+                                                                                                  float("inf"))
+
+        def begin_block(columns: torch.Tensor, current: torch.Tensor) -> None:
+            block = torch.zeros(codebooks.shape[0], dtype=torch.bool)
+            block[columns] = True
+            order = torch.argsort(columns)  # `current` follows `columns`; sort both to match the mask order
+            values = current[:, order].T.contiguous()
+            self._fit_columns(SortedRows(values, ~outliers[:, columns[order]].T), widths, codebooks, {}, block,
+                              warm=True, int8_grid=int8_grid)
+            refresh(columns)
+
+        def quantize_column(j: int, column: torch.Tensor) -> torch.Tensor:
+            quantized = codebooks[j].gather(0, torch.searchsorted(mids[j], column.contiguous()))
+            return torch.where(outliers[:, j], column.half().float(), quantized)
+
+        refresh(torch.arange(codebooks.shape[0]))
+        return quantize_with_feedback(w, hessian, quantize_column, damp=self.config.damp,
+                                      act_order=self.config.act_order, begin_block=begin_block)
 
     def _order(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Columns from most to least deserving of the higher width."""
@@ -331,11 +373,12 @@ class CMPQ(Quantizer):
             score = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(self.config.seed))
         return torch.sort(score, descending=True, stable=True).indices
 
-    def _fit_columns(self, rows: SortedRows, widths, codebooks, fits, refit: torch.Tensor, warm: bool = False) \
-            -> None:
+    def _fit_columns(self, rows: SortedRows, widths, codebooks, fits, refit: torch.Tensor, warm: bool = False,
+                     int8_grid: tuple[float, float] | None = None) -> None:
         """Fill `codebooks` rows where `refit` is True, by width. `rows` holds the sorted columns selected by
         `refit`; `fits` are codebooks already fitted on them; with `warm`, Lloyd restarts from the current
-        codebooks, which converges in a few steps."""
+        codebooks, which converges in a few steps. With int8 codebooks the entries are rounded to the layer's
+        grid: `int8_grid` (offset, scale) if fixed already, else one derived from all codebooks."""
         for width in torch.unique(widths[refit]).tolist():
             cols = (widths == width) & refit
             if width in fits:
@@ -345,15 +388,17 @@ class CMPQ(Quantizer):
                 centroids = self._fit(rows.subset(cols[refit]), width, start)
             codebooks[cols, : 2**width] = centroids
         if self.config.codebook == "int8":
-            self._layer_int8(codebooks, widths)
+            used = torch.arange(codebooks.shape[1])[None, :] < (2 ** widths.long())[:, None]
+            lo, scale = int8_grid or self._int8_grid(codebooks, used)
+            rounded = lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
+            codebooks.copy_(torch.where(used & refit[:, None], rounded, codebooks))  # monotone: rows stay sorted
 
-    def _layer_int8(self, codebooks: torch.Tensor, widths: torch.Tensor) -> None:
-        """Round every used entry to 8-bit codes of one per-layer FP16 offset and scale (in place)."""
-        used = torch.arange(codebooks.shape[1])[None, :] < (2 ** widths.long())[:, None]
+    @staticmethod
+    def _int8_grid(codebooks: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
+        """One FP16 offset and scale per layer spanning every used codebook entry in 256 steps."""
         lo = codebooks[used].min().half().float()
         scale = ((codebooks[used].max() - lo) / 255).half().float().clamp(min=torch.finfo(torch.float16).tiny)
-        rounded = lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
-        codebooks.copy_(torch.where(used, rounded, codebooks))  # rounding is monotone: rows stay sorted
+        return float(lo), float(scale)
 
     @staticmethod
     def _codes(values: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""Quantization time and peak memory of CMPQ on smollm2-135m, quick (32 x 512) and default (128 x 2048)
+calibration. Each run is its own `cmpq quantize --eval none` process, so peak RSS is that run's alone.
+
+Writes benchmarks/results/quant_time.jsonl (replaced) and quant_time.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cmpq_table import BEST, PAPER  # noqa: E402
+from store import RESULTS  # noqa: E402
+
+from cmpq.eval.records import read_records  # noqa: E402
+
+CALIBRATIONS = {"quick": (32, 512), "default": (128, 2048)}
+
+
+def cli_options(options: dict) -> list[str]:
+    args = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=float, default=3.0)
+    parser.add_argument("--runs", default="paper:quick,best:quick,paper:default,best:default",
+                        help="comma-separated SETTING:CALIBRATION pairs")
+    args = parser.parse_args()
+    settings = {"paper": PAPER, "best": BEST}
+    records = []
+    for run in args.runs.split(","):
+        setting, calib = run.split(":")
+        nsamples, seqlen = CALIBRATIONS[calib]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "r.jsonl"
+            command = [sys.executable, "-m", "cmpq", "quantize", "--method", "cmpq", "--bits", str(args.bits),
+                       *cli_options(settings[setting]), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+                       "--eval", "none", "--json", str(out), "--no-progress"]
+            print(" ".join(command[1:]), flush=True)
+            subprocess.run(command, check=True)
+            record = read_records(out)[-1]
+        record.pop("layers", None)
+        record["setting"], record["calibration_protocol"] = setting, calib
+        records.append(record)
+    jsonl = RESULTS / "quant_time.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    lines = [f"CMPQ quantization of smollm2-135m at {args.bits} bpw (no evaluation), one process per run.", "",
+             "| setting | calibration | quant s | peak RSS MB | honest bpw | threads |", "|---|---|---|---|---|---|"]
+    for r in records:
+        c = r["calibration"]
+        lines.append(f"| {r['setting']} | {r['calibration_protocol']} ({c['nsamples']} x {c['seqlen']}) | "
+                     f"{r['quant_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['bpw']:.3f} | {r['threads']} |")
+    lines += ["", f"Commit {records[-1]['git_commit']}. Command: `python benchmarks/quant_time.py`."]
+    (RESULTS / "quant_time.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""GPTQ's error feedback (Frantar et al. 2022), as a pure function shared by every method that uses it.
+
+Columns are quantized one at a time; each column's rounding error, scaled by the inverse Hessian, is pushed
+onto the columns not yet quantized, so that the layer output X W^T (not the weights) stays close. The
+method supplies `quantize_column(j, w)`, so the same loop serves uniform grids (GPTQ) and per-column
+codebooks (CMPQ + error feedback). Lazy block updates through the Cholesky factor of the inverse Hessian,
+damping as a fraction of the mean diagonal, optional act-order (columns by decreasing Hessian diagonal).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from cmpq.errors import CmpqError
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of H^-1 after damping, mask of dead input channels), GPTQ's `Hinv`."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    try:
+        lower = torch.linalg.cholesky(h)
+    except torch.linalg.LinAlgError as exc:
+        raise CmpqError(f"Hessian is not positive definite even with damping {damp}: raise the damping") from exc
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float(), dead
+
+
+def quantize_with_feedback(weight: torch.Tensor, hessian: torch.Tensor,
+                           quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
+                           damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                           begin_block: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The quantized weight (out, in), float32, after GPTQ's column-by-column error feedback.
+
+    hessian: X^T X (in, in) of the layer's calibration inputs (any positive scale); quantize_column(j, w)
+    returns the quantized values of original column j given its current (updated) values w (out,);
+    begin_block(columns, values), if given, is called before each block with the original indices of its
+    columns and their current values (out, count), e.g. to refit codebooks on the updated weights.
+    """
+    w = weight.float().clone()
+    columns = w.shape[1]
+    order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
+    h = hessian[order][:, order]
+    hinv, dead = inverse_hessian_factor(h, damp)
+    w = w[:, order]
+    w[:, dead] = 0.0
+    q = torch.zeros_like(w)
+    for start in range(0, columns, block_size):
+        stop = min(start + block_size, columns)
+        if begin_block is not None:
+            begin_block(order[start:stop], w[:, start:stop])
+        w1, hinv1 = w[:, start:stop].clone(), hinv[start:stop, start:stop]
+        err1 = torch.zeros_like(w1)
+        for i in range(stop - start):
+            column = w1[:, i]
+            quantized = quantize_column(int(order[start + i]), column)
+            q[:, start + i] = quantized
+            err = (column - quantized) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, stop:] -= err1 @ hinv[start:stop, stop:]
+    result = torch.empty_like(q)
+    result[:, order] = q
+    return result
