@@ -23,10 +23,16 @@ CALIBRATIONS = {"quick": (32, 512), "default": (128, 2048)}
 
 
 def cli_options(options: dict) -> list[str]:
+    """The `cmpq quantize` flags that set these config fields."""
     args = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
-        args += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+        if key == "act_order":
+            args += [] if value else ["--no-act-order"]
+        elif isinstance(value, bool):
+            args += [flag] if value else []
+        else:
+            args += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
     return args
 
 

@@ -67,7 +67,8 @@ def test_cli_quantize_writes_a_protocol_record(tiny_dir, tmp_path, monkeypatch, 
     assert record["target_bits"] is None and record["config"]["bits"] == 3  # RTN's bits are a code width
     assert record["bpw"] == pytest.approx(3 + 19 / 16)
     assert read_records(out) == [json.loads(json.dumps(record))]
-    run(["quantize", "--model", str(tiny_dir), "--bits", "2", "--eval", "none", "--json", str(out), "--no-progress"])
+    run(["quantize", "--model", str(tiny_dir), "--method", "rtn", "--bits", "2", "--eval", "none", "--json", str(out),
+         "--no-progress"])
     assert [r["config"]["bits"] for r in read_records(out)] == [3, 2]  # appended, not overwritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # no stray files
     assert "bpw honest" in capsys.readouterr().out
@@ -82,10 +83,13 @@ def test_cli_eval_reports_windows_and_tokens(tiny_dir, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["quantize", "--bits", "9"], "rtn.bits"),
-    (["quantize", "--bits", "2.5"], "rtn.bits"),
-    (["quantize", "--bits", "4", "--group-size", "0"], "rtn.group_size"),
+    (["quantize", "--method", "rtn", "--bits", "9"], "rtn.bits"),
+    (["quantize", "--method", "rtn", "--bits", "2.5"], "rtn.bits"),
+    (["quantize", "--method", "rtn", "--bits", "4", "--group-size", "0"], "rtn.group_size"),
     (["quantize", "--bits", "4", "--nsamples", "0"], "calib.nsamples"),
+    (["quantize", "--bits", "1.0", "--bit-set", "2,3,4"], "cmpq.bits"),
+    (["quantize", "--bits", "3", "--act-outliers", "0.6"], "cmpq.act_outliers"),
+    (["quantize", "--bits", "3", "--group-size", "128"], "cmpq: unknown option"),
 ])
 def test_cli_bad_options_exit_2_with_the_field(argv, message, capsys):
     assert main(argv) == 2

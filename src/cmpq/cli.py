@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every linear layer in the transformer blocks with METHOD, block by "
                                    "block on calibration data, then report honest bits per weight and perplexity.")
     _add_common(q)
-    q.add_argument("--method", default="rtn", choices=sorted(QUANTIZERS),
+    q.add_argument("--method", default="cmpq", choices=sorted(QUANTIZERS),
                    help="quantization method (default: %(default)s)")
     q.add_argument("--bits", type=float, required=True,
                    help="target bits per weight; for rtn the integer code width 1..8")
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.0005)")
     q.add_argument("--codebook", choices=("fp16", "int8"),
                    help="cmpq: storage of codebook entries: fp16, or int8 codes of a per-layer scale (default: fp16)")
+    q.add_argument("--error-feedback", action="store_const", const=True,
+                   help="cmpq: GPTQ's column-by-column error compensation with the per-column codebooks (gathers "
+                        "the Hessian X^T X of every layer)")
+    q.add_argument("--damp", type=float,
+                   help="cmpq with --error-feedback: Hessian damping as a fraction of its mean diagonal (default: 0.01)")
+    q.add_argument("--no-act-order", dest="act_order", action="store_const", const=False,
+                   help="cmpq with --error-feedback: quantize columns in their stored order instead of by "
+                        "decreasing Hessian diagonal")
     q.add_argument("--grid", choices=("kmeans", "minmax"),
                    help="cmpq: per-column k-means codebooks, or a uniform min-max grid per column (ablation)")
     q.add_argument("--calib", default="c4",
@@ -127,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # CLI options that map one-to-one onto fields of a method's Config; a method without the field rejects them.
 _METHOD_FIELDS = ("group_size", "bits_mode", "bit_set", "allocation", "allocation_scope", "act_outliers",
-                  "q_outliers", "codebook", "grid")
+                  "q_outliers", "codebook", "grid", "error_feedback", "damp", "act_order")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
