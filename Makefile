@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# Main job: float reference, then RTN 4-bit g128, on smollm2-135m, quick perplexity protocol.
+# Main job: CMPQ at 3 honest bits per weight on smollm2-135m (quick calibration and perplexity protocol), then
+# the per-layer view of the result (runs/demo.widths.png). The float reference is in the README's table.
 demo: setup
-	$(BIN)/cmpq eval --model smollm2-135m --protocol quick --json runs/demo.jsonl
-	$(BIN)/cmpq quantize --model smollm2-135m --method rtn --bits 4 --group-size 128 --protocol quick \
+	$(BIN)/cmpq quantize --model smollm2-135m --method cmpq --bits 3 --nsamples 32 --seqlen 512 --protocol quick \
 		--json runs/demo.jsonl
+	$(BIN)/cmpq inspect runs/demo.jsonl
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -37,15 +37,10 @@ EXPLORE = {
     "error allocation": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6)},
     "error + int8 codebooks": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8"},
     "error + model-wide budget": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "allocation_scope": "model"},
-    "error + model-wide + int8": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "allocation_scope": "model",
-                                  "codebook": "int8"},
     "error + int8, outliers 0.2%+0.05%": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
                                           "act_outliers": 0.002},
     "error + int8 + error feedback": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
                                       "error_feedback": True},
-    "error + model-wide + int8 + error feedback": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6),
-                                                   "allocation_scope": "model", "codebook": "int8",
-                                                   "error_feedback": True},
 }
 
 
@@ -100,6 +95,12 @@ def main() -> None:
         store.run(chosen, MODEL, calib, eval_config)
     markdown = render(store, calib, eval_config.protocol)
     (RESULTS / "cmpq_table.md").write_text(markdown, encoding="utf-8")
+    readme = Path(__file__).parents[1] / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- table:start -->\n", "<!-- table:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + markdown + end + rest.split(end, 1)[1], encoding="utf-8")
     print(markdown)
 
 
