@@ -39,6 +39,9 @@ EXPLORE = {
     "error + model-wide budget": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "allocation_scope": "model"},
     "error + int8, outliers 0.2%+0.05%": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
                                           "act_outliers": 0.002},
+    "error + model-wide (relative error) + int8": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6),
+                                                   "allocation_scope": "model", "scope_error": "relative",
+                                                   "codebook": "int8"},
     "error + int8 + error feedback": {"allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
                                       "error_feedback": True},
 }

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cmpq: one bit budget per layer (default, the paper) or one for the whole model, bits "
                         "flowing to the layers where they reduce the weighted error most (needs --allocation error; "
                         "adds a measuring pass)")
+    q.add_argument("--scope-error", choices=("absolute", "relative"),
+                   help="cmpq with --allocation-scope model: compare layers by absolute activation-weighted error "
+                        "(default) or relative to each layer's output energy")
     q.add_argument("--act-outliers", type=float,
                    help="cmpq: fraction of weights kept in FP16 by largest |W_ij|*||X_j|| (default: 0.0045)")
     q.add_argument("--q-outliers", type=float,
@@ -134,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # CLI options that map one-to-one onto fields of a method's Config; a method without the field rejects them.
-_METHOD_FIELDS = ("group_size", "bits_mode", "bit_set", "allocation", "allocation_scope", "act_outliers",
-                  "q_outliers", "codebook", "grid", "error_feedback", "damp", "act_order")
+_METHOD_FIELDS = ("group_size", "bits_mode", "bit_set", "allocation", "allocation_scope", "scope_error",
+                  "act_outliers", "q_outliers", "codebook", "grid", "error_feedback", "damp", "act_order")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from cmpq.quantizers.error_feedback import quantize_with_feedback
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
 SCOPES = ("layer", "model")
+SCOPE_ERRORS = ("absolute", "relative")
 CODEBOOK_FORMATS = {"fp16": 16, "int8": 8}
 GRIDS = ("kmeans", "minmax")
 BITS_MODES = ("honest", "code")
@@ -39,7 +40,9 @@ class CMPQConfig:
     bits only (`"code"`, the paper's convention); bit_set: widths a column may get; allocation: how columns
     are ranked (activation = the paper, error = greedy on weighted k-means error, magnitude / random =
     ablations); allocation_scope: one budget per layer (the paper) or one for the whole model (bits flow to the
-    layers whose weighted error they reduce most; needs allocation="error"); act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
+    layers whose weighted error they reduce most; needs allocation="error"); scope_error: with a model-wide
+    budget, compare layers by absolute weighted error or relative to the layer's output energy
+    sum_j s_j^2 ||W_:,j||^2; act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
     codebook entries (fp16, or int8 codes of a per-layer FP16 scale and offset); grid: kmeans, or the
     min-max uniform grid per column (ablation); error_feedback: GPTQ's column-by-column error compensation
     with the per-column codebooks (Hessian X^T X, damping `damp`, columns by decreasing Hessian diagonal if
@@ -50,6 +53,7 @@ class CMPQConfig:
     bit_set: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     allocation: str = "activation"
     allocation_scope: str = "layer"
+    scope_error: str = "absolute"
     act_outliers: float = 0.0045
     q_outliers: float = 0.0005
     codebook: str = "fp16"
@@ -72,6 +76,8 @@ class CMPQConfig:
         check(self.allocation in ALLOCATIONS, "cmpq.allocation", f"must be one of {ALLOCATIONS}", self.allocation)
         check(self.allocation_scope in SCOPES, "cmpq.allocation_scope", f"must be one of {SCOPES}",
               self.allocation_scope)
+        check(self.scope_error in SCOPE_ERRORS, "cmpq.scope_error", f"must be one of {SCOPE_ERRORS}",
+              self.scope_error)
         check(self.allocation_scope == "layer" or self.allocation == "error", "cmpq.allocation_scope",
               "'model' compares columns of different layers by weighted error: it needs allocation='error'",
               self.allocation_scope)
@@ -248,8 +254,10 @@ class CMPQ(Quantizer):
         return self.config.allocation_scope == "model"
 
     def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
-        _, s, _, _, sorted_cols = self._prepare(weight, stats)
+        w, s, _, _, sorted_cols = self._prepare(weight, stats)
         _, weighted = self._measure(sorted_cols, s)
+        if self.config.scope_error == "relative":
+            weighted = weighted / (w.double().square().sum(dim=0) * s.double() ** 2).sum().clamp(min=1e-30)
         rows, columns = weight.shape
         no_map = self._budget(rows, columns, self._n_outliers(rows * columns), 1) + map_bits(columns, 1)
         self._measured[name] = (weighted, self._column_cost(rows), self.config.bits * rows * columns - no_map,
