@@ -23,7 +23,7 @@ TARGETS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
 ABLATION_TARGETS = (2.5, 3.0)
 PAPER = dict(PRESETS["paper"])
 # Chosen from the "explore @ 3.0" rows: error-driven allocation, int8 codebooks and error feedback each helped.
-BEST = {**PAPER, "allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8", "error_feedback": True}
+BEST = dict(PRESETS["best"])
 ABLATIONS = {
     "allocation by random order": {"allocation": "random"},
     "allocation by weight magnitude": {"allocation": "magnitude"},

@@ -150,6 +150,13 @@ def test_cli_cmpq_then_inspect(tiny_dir, tmp_path, capsys):
                   "--nsamples", "4", "--seqlen", "32", "--eval", "none", "--json", str(out), "--no-progress"])
     assert 3.98 <= record["bpw"] <= 4.0
     assert record["calibration"]["used"] and record["calibration"]["nsamples"] == 4
+    assert record["config"]["error_feedback"] and record["config"]["codebook"] == "int8"  # the "best" preset
+    paper = run(["quantize", "--model", str(tiny_dir), "--bits", "4", "--preset", "paper", "--nsamples", "4",
+                 "--seqlen", "32", "--eval", "none", "--no-progress"])
+    from cmpq.quantizers.cmpq.quantizer import PRESETS
+
+    assert {k: paper["config"][k] for k in PRESETS["paper"]} == {k: list(v) if isinstance(v, tuple) else v
+                                                                 for k, v in PRESETS["paper"].items()}
     layer = record["layers"]["model.layers.0.mlp.down_proj"]
     assert sum(layer["widths"].values()) == 80 and layer["outliers"] == round(0.005 * 48 * 80)
     capsys.readouterr()

@@ -85,6 +85,7 @@ class Quantizer(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets, e.g. "paper"
+    default_preset: ClassVar[str | None] = None          # what the CLI applies when no --preset is given
 
     def __init__(self, config: Any = None) -> None:
         config = self.Config() if config is None else config
