@@ -42,8 +42,9 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                    true_sequential: bool = False, progress: bool = True) -> QuantizationResult:
     """Quantize every linear in the blocks of `model` in place (weights replaced by their dequantized values).
 
-    windows: calibration token ids (nsamples, seqlen), int64; None for methods that need no statistics. true_sequential: gather each group's statistics after the groups before it in the
-    block are quantized (GPTQ's --true-sequential), at the cost of one forward pass per group.
+    windows: calibration token ids (nsamples, seqlen), int64; None for methods that need no statistics.
+    true_sequential: gather each group's statistics after the groups before it in the block are quantized
+    (GPTQ's --true-sequential), at the cost of one forward pass per group.
     """
     start = time.perf_counter()
     result = QuantizationResult(method=quantizer.name)
@@ -74,7 +75,9 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                 with torch.no_grad():
                     linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
                 result.layers[full_name] = qw
-        if needs:  # a method that reads no statistics gives the same weights whatever the inputs: skip the pass
+        # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
+        # and the last block's outputs feed nothing: skip those passes.
+        if needs and index + 1 < len(blocks):
             run_block(block, inputs, hidden, spare)
             hidden, spare = spare, hidden
     bar.close()
