@@ -170,3 +170,11 @@ def test_inspect_rejects_a_record_without_layers(tmp_path, capsys):
     path.write_text(json.dumps({"method": "float"}) + "\n")
     assert main(["inspect", str(path)]) == 2
     assert "no quantization record" in capsys.readouterr().err
+
+
+def test_cli_eval_on_a_plain_text_file(tiny_dir, tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time there was a small model. " * 200, encoding="utf-8")
+    record = run(["eval", "--model", str(tiny_dir), "--ppl", str(text), "--no-progress"])
+    result = record["ppl"][str(text)]
+    assert result["windows"] == (len(text.read_text()) // 2048) and result["source"] == str(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from cmpq.config import EVAL_DATASETS, CalibConfig, EvalConfig
@@ -20,9 +21,9 @@ def _datasets(value: str) -> tuple[str, ...]:
         return ()
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     for name in names:
-        if name not in EVAL_DATASETS:
-            raise argparse.ArgumentTypeError(f"unknown dataset '{name}'; choose from {', '.join(EVAL_DATASETS)} "
-                                             f"or 'none'")
+        if name not in EVAL_DATASETS and not Path(name).expanduser().is_file():
+            raise argparse.ArgumentTypeError(f"unknown dataset '{name}'; choose from {', '.join(EVAL_DATASETS)}, "
+                                             f"a UTF-8 text file, or 'none'")
     return names
 
 
@@ -120,13 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gather each group's statistics after the earlier groups of the block are quantized "
                         "(q/k/v, then o, then gate/up, then down); one extra forward pass per group")
     q.add_argument("--eval", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
-                   help="comma-separated perplexity datasets after quantizing, or 'none' (default: wikitext2,c4)")
+                   help="comma-separated perplexity datasets after quantizing (wikitext2, c4, or paths to UTF-8 text "
+                        "files), or 'none' (default: wikitext2,c4)")
 
     e = sub.add_parser("eval", help="evaluate a model (e.g. the float reference)",
                        description="Perplexity of a model per PROTOCOL.md.")
     _add_common(e)
     e.add_argument("--ppl", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
-                   help="comma-separated perplexity datasets (default: wikitext2,c4)")
+                   help="comma-separated perplexity datasets: wikitext2, c4, or paths to UTF-8 text files "
+                        "(default: wikitext2,c4)")
     i = sub.add_parser("inspect", help="per-layer bit-widths, outliers and bpw of a quantization result",
                        description="Show per layer the histogram of bit-widths, outlier counts and honest bpw with "
                                    "its breakdown, and write a PNG heatmap (layers x bit-widths).")

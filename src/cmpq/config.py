@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cmpq.errors import ConfigError
@@ -67,7 +68,8 @@ class EvalConfig:
         check(isinstance(self.datasets, (tuple, list)), "eval.datasets", "must be a tuple of dataset names",
               self.datasets)
         for name in self.datasets:
-            check(name in EVAL_DATASETS, "eval.datasets", f"each must be one of {EVAL_DATASETS}", name)
+            check(name in EVAL_DATASETS or Path(name).expanduser().is_file(), "eval.datasets",
+                  f"each must be one of {EVAL_DATASETS} or an existing text file", name)
 
     @property
     def max_windows(self) -> int | None:

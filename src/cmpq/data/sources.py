@@ -137,7 +137,9 @@ def load_eval_text(name: str) -> tuple[str, str]:
     if name == "c4":
         docs, source = _c4_docs()
         return " ".join(docs[C4_EVAL_DOCS.start:C4_EVAL_DOCS.stop]), f"{source} docs 0..999"
-    raise DataNotFoundError(f"unknown evaluation dataset '{name}'; choose wikitext2 or c4")
+    if Path(name).expanduser().is_file():
+        return read_text_file(Path(name).expanduser()), str(Path(name).expanduser())
+    raise DataNotFoundError(f"unknown evaluation dataset '{name}'; choose wikitext2, c4 or a UTF-8 text file")
 
 
 def load_calibration_text(source: str) -> tuple[str, str]:
@@ -154,7 +156,12 @@ def load_calibration_text(source: str) -> tuple[str, str]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise DataNotFoundError(f"calibration source '{source}' is neither c4, wikitext2 nor an existing text file")
+    return read_text_file(path), str(path)
+
+
+def read_text_file(path: Path) -> str:
+    """A whole UTF-8 text file, used as one document (tokenized once, like the named datasets)."""
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataNotFoundError(f"{path}: not UTF-8 text ({exc})") from exc
