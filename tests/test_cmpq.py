@@ -203,3 +203,52 @@ def test_error_feedback_with_an_identity_quantizer_changes_nothing():
     w, x = torch.randn(16, 40), correlated_inputs(cols=40)
     q = quantize_with_feedback(w, x.T @ x, lambda j, column: column, act_order=True, block_size=16)
     torch.testing.assert_close(q, w)
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_int8_codebooks_share_one_grid_per_layer(feedback):
+    w, _ = layer(rows=96, cols=80)
+    x = correlated_inputs()
+    stats = LayerStats(tokens=x.shape[0], values={"col_sq_sum": (x.double() ** 2).sum(0),
+                                                  "hessian": (x.T @ x).double()})
+    qw = get_quantizer("cmpq", bits=3.0, codebook="int8", q_outliers=0.02, error_feedback=feedback).quantize(w, stats)
+    lo, scale = qw.int8_grid
+    used = torch.arange(qw.codebooks.shape[1])[None, :] < (2 ** qw.widths.long())[:, None]
+    steps = (qw.codebooks[used] - lo) / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.min() >= -1e-3 and steps.max() <= 255 + 1e-3
+
+
+def test_a_target_met_by_a_single_width_is_not_rejected():
+    w, stats = layer()
+    qw = get_quantizer("cmpq", bits=2.8958, bit_set=(2, 3)).quantize(w, stats)
+    assert qw.storage().bpw <= 2.8958
+
+
+def test_model_wide_budget_in_code_bits_mode():
+    from cmpq.models.arch import find_arch
+    from cmpq.models.tiny import TINY_VOCAB, tiny_model
+    from cmpq.pipeline import quantize_model
+
+    windows = torch.randint(3, TINY_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama")
+    quantizer = get_quantizer("cmpq", bits=2.5, bits_mode="code", allocation="error", allocation_scope="model")
+    storage = quantize_model(model, find_arch(model), quantizer, windows, progress=False).storage()
+    assert 2.48 <= storage.code_bpw <= 2.5
+
+
+def test_error_feedback_blocks_are_exact_and_dead_channels_are_safe():
+    from cmpq.quantizers.error_feedback import quantize_with_feedback
+
+    w, x = torch.randn(16, 40), correlated_inputs(cols=40)
+    x[:, 7] = 0.0  # a channel that never fires
+    h = x.T @ x
+
+    def to_grid(j, column):
+        return torch.round(column * 4) / 4
+
+    small = quantize_with_feedback(w, h, to_grid, block_size=8, act_order=True)
+    whole = quantize_with_feedback(w, h, to_grid, block_size=64, act_order=True)
+    torch.testing.assert_close(small, whole, rtol=1e-4, atol=1e-4)  # lazy block updates change nothing
+    assert torch.all(torch.isfinite(small)) and torch.equal(small, torch.round(small * 4) / 4)
+    plain = ((x @ (to_grid(0, w) - w).T) ** 2).sum()
+    assert ((x @ (small - w).T) ** 2).sum() < plain  # feedback lowers the output error of the same grid

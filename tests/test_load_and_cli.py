@@ -65,6 +65,7 @@ def test_cli_quantize_writes_a_protocol_record(tiny_dir, tmp_path, monkeypatch, 
         assert field in record
     assert record["quantized_layers"] == 2 * 7
     assert record["target_bits"] is None and record["config"]["bits"] == 3  # RTN's bits are a code width
+    assert record["budget_met"] is None
     assert record["bpw"] == pytest.approx(3 + 19 / 16)
     assert read_records(out) == [json.loads(json.dumps(record))]
     run(["quantize", "--model", str(tiny_dir), "--method", "rtn", "--bits", "2", "--eval", "none", "--json", str(out),
@@ -151,6 +152,7 @@ def test_cli_cmpq_then_inspect(tiny_dir, tmp_path, capsys):
     assert 3.98 <= record["bpw"] <= 4.0
     assert record["calibration"]["used"] and record["calibration"]["nsamples"] == 4
     assert record["config"]["error_feedback"] and record["config"]["codebook"] == "int8"  # the "best" preset
+    assert record["budget_met"] is True
     paper = run(["quantize", "--model", str(tiny_dir), "--bits", "4", "--preset", "paper", "--nsamples", "4",
                  "--seqlen", "32", "--eval", "none", "--no-progress"])
     from cmpq.quantizers.cmpq.quantizer import PRESETS

@@ -158,6 +158,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_summary(record: dict[str, Any]) -> None:
+    if record.get("budget_met") is False:
+        print(f"cmpq: warning: honest bpw {record['bpw']:.4f} is not within 0.02 below the target "
+              f"{record['target_bits']} (layers too small for the step between widths?)", file=sys.stderr)
     if record.get("bpw") is not None:
         print(f"{record['method']}: {record['bpw']:.4f} bpw honest ({record['code_bpw']:.4f} code bpw) over "
               f"{record['quantized_layers']} layers, quantized in {record['quant_seconds']:.1f} s")

@@ -53,7 +53,7 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     if needs and windows is None:
         raise ConfigError(f"{quantizer.name} needs calibration statistics {sorted(needs)}: pass calibration windows")
     if quantizer.measures_model():
-        _measure_model(model, arch, quantizer, windows, needs, progress)
+        _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress)
     if needs:
         inputs = capture_block_inputs(model, blocks[0], windows)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)

@@ -18,6 +18,7 @@ from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
 from cmpq.models.load import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
 from cmpq.quantizers import Quantizer
+from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW
 
 
 def check_context(loaded: LoadedModel, seqlen: int, what: str) -> None:
@@ -54,13 +55,16 @@ def quantization_record(loaded: LoadedModel, quantizer: Quantizer, result: Quant
     """PROTOCOL's benchmark record for one quantized configuration."""
     storage = result.storage()
     unquantized = unquantized_storage(loaded.model, set(result.layers))
+    target = quantizer.target_bits()
     return {
         "model": loaded.spec,
         "model_source": loaded.source,
         "method": quantizer.name,
         "config": config_to_dict(quantizer.config),
-        "target_bits": quantizer.target_bits(),
+        "target_bits": target,
         "bpw": storage.bpw,
+        # PROTOCOL: a target means honest bpw at most the target and within 0.02 of it, for the whole model
+        "budget_met": None if target is None else target - BUDGET_TOLERANCE_BPW <= storage.bpw <= target,
         "code_bpw": storage.code_bpw,
         "bits": storage.as_dict(),
         "quantized_layers": len(result.layers),

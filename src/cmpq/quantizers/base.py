@@ -18,6 +18,7 @@ from cmpq.calibration.stats import LayerStats
 from cmpq.errors import ConfigError
 
 FP16_BITS = 16
+BUDGET_TOLERANCE_BPW = 0.02  # PROTOCOL: a bits target means honest bpw at most the target and within 0.02 of it
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ class Quantizer(ABC):
         """Whether the engine must first show this method every layer (`measure`) and call `plan` before
         quantizing, e.g. to share one bit budget across the whole model."""
         return False
+
+    def measure_needs(self) -> frozenset[str]:
+        """Statistics the measuring pass must gather (by default the same as `needs`)."""
+        return self.needs()
 
     def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
         """Record what `plan` needs about one layer (float weights, statistics of the float model)."""

@@ -20,7 +20,8 @@ import torch
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.errors import CmpqError
-from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
+from cmpq.quantizers.base import (BUDGET_TOLERANCE_BPW, FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer,
+                                  register)
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 from cmpq.quantizers.error_feedback import quantize_with_feedback
@@ -31,7 +32,6 @@ SCOPE_ERRORS = ("absolute", "relative")
 CODEBOOK_FORMATS = {"fp16": 16, "int8": 8}
 GRIDS = ("kmeans", "minmax")
 BITS_MODES = ("honest", "code")
-BUDGET_TOLERANCE_BPW = 0.02  # PROTOCOL: honest bpw at most the target and within 0.02 of it
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class CMPQWeight(QuantizedWeight):
     outlier_cols: torch.Tensor   # (nnz,) int64
     outlier_values: torch.Tensor  # (nnz,) float16
     codebook_format: str
+    int8_grid: tuple[float, float] | None = None  # (offset, scale) of int8 codebooks: entry = offset + scale * code
 
     @property
     def shape(self) -> tuple[int, int]:  # type: ignore[override]
@@ -217,16 +218,17 @@ class CMPQ(Quantizer):
         apart: try each map size (1, 2, up to 4, up to 8 widths), keep the results that stay within their size,
         and return the one with the lowest `score`."""
         limit = len(self.config.bit_set) if self.config.allocation == "error" else min(2, len(self.config.bit_set))
-        best, best_score = None, float("inf")
+        best, best_score, error = None, float("inf"), None
         for size in sorted({min(n, limit) for n in (1, 2, 4, 8)}):
             try:
                 index = allocate(self._budget(rows, columns, n_outliers, size))
-            except UnreachableTargetError:
-                if size == limit:
-                    raise
+            except UnreachableTargetError as exc:
+                error = exc
                 continue
             if int(torch.unique(index).numel()) <= size and score(index) < best_score:
                 best, best_score = index, score(index)
+        if best is None:
+            raise error if error is not None else UnreachableTargetError("no allocation fits the budget")
         return best
 
     # --- fitting ---------------------------------------------------------------------------------------------
@@ -258,15 +260,20 @@ class CMPQ(Quantizer):
     def measures_model(self) -> bool:
         return self.config.allocation_scope == "model"
 
+    def measure_needs(self) -> frozenset[str]:
+        return frozenset({"col_sq_sum"})
+
     def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
         w, s, _, _, sorted_cols = self._prepare(weight, stats)
         _, weighted = self._measure(sorted_cols, s)
         if self.config.scope_error == "relative":
             weighted = weighted / (w.double().square().sum(dim=0) * s.double() ** 2).sum().clamp(min=1e-30)
         rows, columns = weight.shape
-        no_map = self._budget(rows, columns, self._n_outliers(rows * columns), 1) + map_bits(columns, 1)
-        self._measured[name] = (weighted, self._column_cost(rows), self.config.bits * rows * columns - no_map,
-                                rows * columns)
+        fixed = 0.0
+        if self.config.bits_mode == "honest":  # outliers, indices, int8 grid: everything but codes, codebooks, map
+            no_map = self._budget(rows, columns, self._n_outliers(rows * columns), 1) + map_bits(columns, 1)
+            fixed = self.config.bits * rows * columns - no_map
+        self._measured[name] = (weighted, self._column_cost(rows), fixed, rows * columns)
 
     def plan(self) -> None:
         """One greedy allocation over the columns of every layer, within the model's total budget.
@@ -283,6 +290,8 @@ class CMPQ(Quantizer):
         fixed = sum(self._measured[n][2] for n in names)
 
         def maps(index: torch.Tensor | None) -> int:
+            if self.config.bits_mode == "code":
+                return 0
             parts = index.split(sizes) if index is not None else [None] * len(sizes)
             return sum(map_bits(size, len(self.config.bit_set) if part is None else int(torch.unique(part).numel()))
                        for size, part in zip(sizes, parts))
@@ -325,7 +334,7 @@ class CMPQ(Quantizer):
         widths = torch.tensor(config.bit_set)[index]
 
         codebooks = torch.zeros(columns, 2 ** max(config.bit_set))
-        self._fit_columns(sorted_cols, widths, codebooks, fits, torch.ones(columns, dtype=torch.bool))
+        grid = self._fit_columns(sorted_cols, widths, codebooks, fits, torch.ones(columns, dtype=torch.bool))
         codes = self._codes(values, widths, codebooks)
         outliers = act_mask
         if n_q:
@@ -334,25 +343,25 @@ class CMPQ(Quantizer):
             q_mask = top_k_mask(error.masked_fill(act_mask, -1.0), n_q)
             outliers = act_mask | q_mask
             refit = q_mask.any(dim=0)
-            self._fit_columns(SortedRows(values[refit], ~outliers.T[refit]), widths, codebooks, {}, refit, warm=True)
+            self._fit_columns(SortedRows(values[refit], ~outliers.T[refit]), widths, codebooks, {}, refit, warm=True,
+                              int8_grid=grid)  # one int8 grid per layer: the refit rounds onto the first one
             codes = self._codes(values, widths, codebooks)
         final = w
         if config.error_feedback:
-            final = self._feedback(w, stats["hessian"], widths, codebooks, outliers)
+            final = self._feedback(w, stats["hessian"], widths, codebooks, outliers, grid)
             codes = self._codes(final.T.contiguous(), widths, codebooks)
         rows_idx, cols_idx = outliers.nonzero(as_tuple=True)   # row-major order, as CSR stores them
         return CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
                           codebooks=codebooks, outlier_rows=rows_idx, outlier_cols=cols_idx,
-                          outlier_values=final[rows_idx, cols_idx].half(), codebook_format=config.codebook)
+                          outlier_values=final[rows_idx, cols_idx].half(), codebook_format=config.codebook,
+                          int8_grid=grid)
 
     def _feedback(self, w: torch.Tensor, hessian: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor,
-                  outliers: torch.Tensor) -> torch.Tensor:
+                  outliers: torch.Tensor, int8_grid: tuple[float, float] | None) -> torch.Tensor:
         """GPTQ error feedback with the per-column codebooks (refitted per block on the updated weights);
         outlier positions keep their updated value in FP16. Returns the quantized weight (out, in)."""
         maxk = codebooks.shape[1]
         unused = torch.arange(maxk - 1)[None, :] >= (2 ** widths.long() - 1)[:, None]
-        used = torch.arange(maxk)[None, :] < (2 ** widths.long())[:, None]
-        int8_grid = self._int8_grid(codebooks, used) if self.config.codebook == "int8" else None
         mids = torch.zeros(codebooks.shape[0], maxk - 1)
 
         def refresh(columns: torch.Tensor) -> None:
@@ -387,11 +396,12 @@ class CMPQ(Quantizer):
         return torch.sort(score, descending=True, stable=True).indices
 
     def _fit_columns(self, rows: SortedRows, widths, codebooks, fits, refit: torch.Tensor, warm: bool = False,
-                     int8_grid: tuple[float, float] | None = None) -> None:
+                     int8_grid: tuple[float, float] | None = None) -> tuple[float, float] | None:
         """Fill `codebooks` rows where `refit` is True, by width. `rows` holds the sorted columns selected by
         `refit`; `fits` are codebooks already fitted on them; with `warm`, Lloyd restarts from the current
         codebooks, which converges in a few steps. With int8 codebooks the entries are rounded to the layer's
-        grid: `int8_grid` (offset, scale) if fixed already, else one derived from all codebooks."""
+        grid: `int8_grid` (offset, scale) if fixed already, else one derived from all codebooks; the grid used
+        is returned (None for fp16 codebooks)."""
         for width in torch.unique(widths[refit]).tolist():
             cols = (widths == width) & refit
             if width in fits:
@@ -405,6 +415,8 @@ class CMPQ(Quantizer):
             lo, scale = int8_grid or self._int8_grid(codebooks, used)
             rounded = lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
             codebooks.copy_(torch.where(used & refit[:, None], rounded, codebooks))  # monotone: rows stay sorted
+            return lo, scale
+        return None
 
     @staticmethod
     def _int8_grid(codebooks: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
