@@ -74,6 +74,9 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
     if existing and not existing.endswith(b"\n"):
         existing += b"\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(existing + (json.dumps(record, sort_keys=False) + "\n").encode())
