@@ -48,8 +48,13 @@ def unquantized_storage(model: nn.Module, quantized: set[str]) -> dict[str, Any]
     return {"params": params, "bytes_16bit": params * 2, "evaluated_dtype": dtype}
 
 
+# The commit of the code this process imported: taken once, at import, because records are often written long
+# after the process started, when HEAD may have moved on.
+_COMMIT_AT_IMPORT = git_commit()
+
+
 def environment() -> dict[str, Any]:
-    return {"threads": torch.get_num_threads(), "git_commit": git_commit(), "torch": torch.__version__,
+    return {"threads": torch.get_num_threads(), "git_commit": _COMMIT_AT_IMPORT, "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
