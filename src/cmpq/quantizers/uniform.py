@@ -31,7 +31,3 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     q = torch.round(w.float() / scale[:, None]) + zero[:, None]
     return torch.clamp(q, 0, maxq).to(torch.uint8)
 
-
-def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Float32 values of `codes` (rows, n) on per-row grids."""
-    return scale[:, None] * (codes.float() - zero[:, None])
