@@ -252,3 +252,17 @@ def test_error_feedback_blocks_are_exact_and_dead_channels_are_safe():
     assert torch.all(torch.isfinite(small)) and torch.equal(small, torch.round(small * 4) / 4)
     plain = ((x @ (to_grid(0, w) - w).T) ** 2).sum()
     assert ((x @ (small - w).T) ** 2).sum() < plain  # feedback lowers the output error of the same grid
+
+
+def test_an_indefinite_hessian_gets_more_damping_with_a_warning():
+    """A float32-summed Hessian can be slightly indefinite: damping is raised tenfold, and said so."""
+    from cmpq.quantizers.error_feedback import inverse_hessian_factor
+    h = torch.eye(8, dtype=torch.float64)
+    h[0, 0] = -0.05  # mean diagonal ~0.87: 1% damping leaves it negative, 10% does not
+    with pytest.warns(UserWarning, match="used 0.1"):
+        factor, dead = inverse_hessian_factor(h, 0.01)
+    damped = h + 0.1 * torch.diag(h).mean() * torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close((factor.T.double() @ factor.double()), torch.linalg.inv(damped), rtol=1e-4, atol=1e-4)
+    h[0, 0] = -10.0
+    with pytest.raises(CmpqError, match="not positive definite"):
+        inverse_hessian_factor(h, 0.01)

@@ -5,8 +5,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cmpq.calibration.capture import capture_block_inputs
+from cmpq.calibration.capture import capture_block_inputs, run_block
+from cmpq.calibration.precision import native_bfloat16, resolve_dtype
 from cmpq.calibration.stats import LayerStats, StatsRecorder
+from cmpq.config import CalibConfig
+from cmpq.errors import ConfigError
 from cmpq.models.arch import find_arch
 from cmpq.models.tiny import TINY_VOCAB, tiny_model
 from cmpq.pipeline import quantize_model
@@ -86,11 +89,61 @@ def test_stats_recorder_matches_direct_computation(tiny_llama):
     for name, xs in seen.items():
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
         assert stats[name].tokens == x.shape[0]
-        torch.testing.assert_close(stats[name]["col_sq_sum"], (x**2).sum(0))
+        torch.testing.assert_close(stats[name]["col_sq_sum"], (x**2).sum(0), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(stats[name]["hessian"], x.T @ x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats["self_attn.q_proj"]["hessian"], stats["self_attn.v_proj"]["hessian"])
     with pytest.raises(KeyError, match="col_abs_sum.*not collected"):
         stats["self_attn.q_proj"]["col_abs_sum"]
+
+
+def _block_stats(model, needs, dtype=torch.float32, stop_early=False):
+    arch = find_arch(model)
+    block = arch.blocks(model)[0]
+    inputs = capture_block_inputs(model, block, windows(), dtype)
+    recorder = StatsRecorder(arch.block_linears(block), needs, stop_early=stop_early)
+    run_block(block, inputs, inputs.hidden, None, after_each=recorder.flush)
+    return recorder.close()
+
+
+def test_stopping_early_gives_the_same_statistics(tiny_llama):
+    """The stats pass may end each forward once every linear has its input; nothing it records changes."""
+    needs = frozenset({"col_sq_sum", "hessian"})
+    full, early = _block_stats(tiny_llama, needs), _block_stats(tiny_llama, needs, stop_early=True)
+    for name in full:
+        assert early[name].tokens == full[name].tokens > 0
+        for stat in needs:
+            torch.testing.assert_close(early[name][stat], full[name][stat])
+
+
+def test_bfloat16_calibration_stays_close_to_float32(tiny_llama):
+    """bfloat16 forwards: statistics within bfloat16 rounding of the float32 ones, Hessians still PSD (their
+    products run in float32: summed bfloat16 products are not PSD)."""
+    needs = frozenset({"col_sq_sum", "hessian"})
+    ref, low = _block_stats(tiny_llama, needs), _block_stats(tiny_llama, needs, dtype=torch.bfloat16)
+    assert not torch.equal(low["mlp.down_proj"]["hessian"], ref["mlp.down_proj"]["hessian"])  # bf16 was used
+    for name in ref:
+        for stat in needs:
+            scale = ref[name][stat].abs().max()
+            assert (low[name][stat] - ref[name][stat]).abs().max() <= 0.05 * scale, (name, stat)
+        assert torch.linalg.eigvalsh(low[name]["hessian"])[0] >= -1e-6 * low[name]["hessian"].diag().max()
+
+
+def test_a_stopped_forward_whose_outputs_are_needed_is_an_error(tiny_llama):
+    arch = find_arch(tiny_llama)
+    block = arch.blocks(tiny_llama)[0]
+    inputs = capture_block_inputs(tiny_llama, block, windows())
+    recorder = StatsRecorder(arch.block_linears(block), frozenset({"col_sq_sum"}), stop_early=True)
+    with pytest.raises(RuntimeError, match="outputs are needed"):
+        run_block(block, inputs, inputs.hidden, torch.empty_like(inputs.hidden), after_each=recorder.flush)
+    recorder.close()
+
+
+def test_calibration_dtype_is_validated_and_resolved():
+    with pytest.raises(ConfigError, match="calib.dtype"):
+        CalibConfig(dtype="float16")
+    assert resolve_dtype("float32") == torch.float32
+    assert resolve_dtype("bfloat16") == torch.bfloat16
+    assert resolve_dtype("auto") == (torch.bfloat16 if native_bfloat16() else torch.float32)
 
 
 def test_identity_quantizer_leaves_every_family_unchanged(family):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmpq.calibration.precision import CALIB_DTYPES
 from cmpq.errors import ConfigError
 
 PROTOCOLS = ("quick", "full")
@@ -36,6 +37,7 @@ class CalibConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    dtype: str = "auto"  # precision of the calibration forwards: auto | float32 | bfloat16 (calibration/precision.py)
 
     def __post_init__(self) -> None:
         check(isinstance(self.nsamples, int) and self.nsamples >= 1, "calib.nsamples", "must be an integer >= 1",
@@ -44,6 +46,7 @@ class CalibConfig:
               self.seqlen)
         check(isinstance(self.source, str) and self.source != "", "calib.source", "must be a non-empty string",
               self.source)
+        check(self.dtype in CALIB_DTYPES, "calib.dtype", f"must be one of {CALIB_DTYPES}", self.dtype)
 
     @classmethod
     def quick(cls, source: str = "c4") -> "CalibConfig":

@@ -39,12 +39,14 @@ class QuantizationResult:
 
 
 def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor | None,
-                   true_sequential: bool = False, progress: bool = True) -> QuantizationResult:
+                   true_sequential: bool = False, progress: bool = True,
+                   dtype: torch.dtype = torch.float32) -> QuantizationResult:
     """Quantize every linear in the blocks of `model` in place (weights replaced by their dequantized values).
 
     windows: calibration token ids (nsamples, seqlen), int64; None for methods that need no statistics.
     true_sequential: gather each group's statistics after the groups before it in the block are quantized
     (GPTQ's --true-sequential), at the cost of one forward pass per group.
+    dtype: precision of the calibration forwards (`calibration.precision`); weights are quantized in float32.
     """
     start = time.perf_counter()
     result = QuantizationResult(method=quantizer.name)
@@ -53,9 +55,9 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     if needs and windows is None:
         raise ConfigError(f"{quantizer.name} needs calibration statistics {sorted(needs)}: pass calibration windows")
     if quantizer.measures_model():
-        _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress)
+        _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress, dtype)
     if needs:
-        inputs = capture_block_inputs(model, blocks[0], windows)
+        inputs = capture_block_inputs(model, blocks[0], windows, dtype)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
     bar = tqdm(range(len(blocks)), desc=f"quantize [{quantizer.name}]", unit="block", disable=not progress)
     for index in bar:
@@ -87,8 +89,9 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
 
 def _gather(block: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str], inputs, hidden,
             out: torch.Tensor | None = None) -> dict[str, LayerStats]:
-    """Statistics of `linears` over one pass of the windows through `block` (outputs into `out` if given)."""
-    recorder = StatsRecorder(linears, needs)
+    """Statistics of `linears` over one pass of the windows through `block` (outputs into `out` if given;
+    without `out` each window's forward stops once every linear has seen its input)."""
+    recorder = StatsRecorder(linears, needs, stop_early=out is None)
     try:
         run_block(block, inputs, hidden, out, after_each=recorder.flush)
     finally:
@@ -97,11 +100,11 @@ def _gather(block: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[st
 
 
 def _measure_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor,
-                   needs: frozenset[str], progress: bool) -> None:
+                   needs: frozenset[str], progress: bool, dtype: torch.dtype) -> None:
     """Show the quantizer every layer of the float model (one pass per block, float outputs passed on), then
     let it plan model-wide; the sequential quantization pass follows."""
     blocks = arch.blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], windows)
+    inputs = capture_block_inputs(model, blocks[0], windows, dtype)
     hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
     for index in tqdm(range(len(blocks)), desc=f"measure [{quantizer.name}]", unit="block", disable=not progress):
         linears = arch.block_linears(blocks[index])

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
 from cmpq.errors import ConfigError
 from cmpq.data.sampling import calibration_windows
@@ -44,9 +45,10 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     if quantizer.needs():
         check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)
-        calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source}
+        calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,
+                      "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
-                            progress=progress)
+                            progress=progress, dtype=resolve_dtype(calib.dtype))
     return result, calib_info
 
 

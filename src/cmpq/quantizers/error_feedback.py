@@ -9,6 +9,7 @@ damping as a fraction of the mean diagonal, optional act-order (columns by decre
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -17,16 +18,27 @@ from cmpq.errors import CmpqError
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of H^-1 after damping, mask of dead input channels), GPTQ's `Hinv`."""
+    """(upper Cholesky factor of H^-1 after damping, mask of dead input channels), GPTQ's `Hinv`.
+
+    A Hessian summed in float32 can come out slightly indefinite along directions the inputs barely span;
+    if `damp` does not make it positive definite, the damping is raised tenfold (at most twice), with a
+    warning naming the damping used.
+    """
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    try:
-        lower = torch.linalg.cholesky(h)
-    except torch.linalg.LinAlgError as exc:
-        raise CmpqError(f"Hessian is not positive definite even with damping {damp}: raise the damping") from exc
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float(), dead
+    mean_diag = torch.mean(torch.diag(h))
+    for attempt, factor in enumerate((1.0, 10.0, 100.0)):
+        damped = h.clone()
+        damped.diagonal().add_(damp * factor * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            if attempt:
+                warnings.warn(f"Hessian not positive definite with damping {damp}; used {damp * factor:g}",
+                              stacklevel=2)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float(), dead
+    raise CmpqError(f"Hessian is not positive definite even with damping {damp * 100:g}: is the calibration "
+                    f"data degenerate?")
 
 
 def quantize_with_feedback(weight: torch.Tensor, hessian: torch.Tensor,
