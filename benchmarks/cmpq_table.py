@@ -67,7 +67,7 @@ def cells() -> list[tuple[str, Cell]]:
 def render(store: Store, calib: CalibConfig, protocol: str) -> str:
     by_key = {record_key(r): r for r in store.records()}
     lines = [f"smollm2-135m, perplexity protocol `{protocol}` (16 windows x 2048 tokens per dataset), calibration "
-             f"{calib.source} {calib.nsamples} x {calib.seqlen}. Honest bpw counts every stored bit (PROTOCOL).", "",
+             f"{calib.source} {calib.nsamples} x {calib.seqlen} ({calib.dtype} forwards). Honest bpw counts every stored bit (PROTOCOL).", "",
              "| configuration | honest bpw | code bpw | WikiText-2 | C4 | quant s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     missing = 0
@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rebuild the Markdown table")
     parser.add_argument("--only", help="measure only cells whose label contains this text")
     args = parser.parse_args()
-    calib, eval_config = CalibConfig.quick(), EvalConfig(protocol="quick")
+    # float32 calibration forwards: the dtype every stored row was measured with, on any CPU
+    calib, eval_config = CalibConfig(nsamples=32, seqlen=512, dtype="float32"), EvalConfig(protocol="quick")
     store = Store(RESULTS / "smollm2_quick.jsonl")
     if not args.render:
         chosen = [cell for label, cell in cells() if args.only is None or args.only in label]

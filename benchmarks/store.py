@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cmpq import workflow
+from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig
 from cmpq.errors import CmpqError
 from cmpq.eval.records import append_record, read_records
@@ -35,7 +36,8 @@ class Cell:
         return json.dumps({"model": model, "method": self.method,
                            "config": _jsonable(get_quantizer(self.method, **self.options).config)
                            if self.method != "float" else None,
-                           "calib": [calib.source, calib.nsamples, calib.seqlen, calib.seed] if needs_calib else None,
+                           "calib": [calib.source, calib.nsamples, calib.seqlen, calib.seed,
+                                     str(resolve_dtype(calib.dtype)).removeprefix("torch.")] if needs_calib else None,
                            "protocol": protocol}, sort_keys=True)
 
 
@@ -56,7 +58,8 @@ def record_key(record: dict[str, Any]) -> str:
         except CmpqError:
             pass  # a field that no longer exists: the record matches no current cell
     return json.dumps({"model": record["model"], "method": record["method"], "config": config,
-                       "calib": [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"]]
+                       "calib": [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"],
+                                 calib.get("resolved_dtype", "float32")]  # before bfloat16 calibration existed
                        if calib.get("used") else None,
                        "protocol": record["protocol"]}, sort_keys=True)
 
