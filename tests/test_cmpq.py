@@ -101,20 +101,6 @@ def test_int8_codebooks_cost_fewer_bits_and_still_meet_the_budget():
     assert 2.98 <= int8.storage().bpw <= 3.0
 
 
-def test_error_allocation_scores_int8_codebooks_as_stored():
-    """The allocator's errors are those of the int8-rounded codebooks, and the layer keeps that grid."""
-    from cmpq.quantizers.cmpq.kmeans import SortedRows
-    w, stats = layer(rows=128, cols=96)
-    q = get_quantizer("cmpq", bits=3.0, allocation="error", codebook="int8", q_outliers=0.0)
-    _, s, _, _, rows = q._prepare(w, stats)
-    fits, weighted, (lo, scale) = q._measure(rows, s)
-    for index, width in enumerate(q.config.bit_set):
-        codes = (fits[width] - lo) / scale
-        torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
-        torch.testing.assert_close(weighted[:, index], rows.sse(fits[width]) * s.double() ** 2)
-    assert q.quantize(w, stats).int8_grid == (lo, scale)
-
-
 def test_minmax_grid_ablation_is_worse_than_kmeans():
     w, stats = layer()
     err = {g: ((get_quantizer("cmpq", bits=3.0, grid=g).quantize(w, stats).dequantize() - w) ** 2).sum().item()

@@ -251,18 +251,11 @@ class CMPQ(Quantizer):
     def _n_outliers(self, numel: int) -> int:
         return round(self.config.act_outliers * numel) + round(self.config.q_outliers * numel)
 
-    def _measure(self, sorted_cols: SortedRows, s: torch.Tensor) \
-            -> tuple[dict[int, torch.Tensor], torch.Tensor, tuple[float, float] | None]:
-        """Stored codebooks at every width of the bit set, the weighted errors s_j^2 * SSE_j (in, n_widths), and
-        the int8 grid they were rounded to (None for fp16 codebooks). Errors are scored on the codebooks as
-        stored: a per-layer int8 grid costs little at 2 bits but a lot at 6, and the allocator must see that."""
+    def _measure(self, sorted_cols: SortedRows, s: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Codebooks at every width of the bit set and the weighted errors s_j^2 * SSE_j, (in, n_widths)."""
         fits = {width: self._fit(sorted_cols, width) for width in self.config.bit_set}
-        grid = None
-        if self.config.codebook == "int8":
-            grid = self._int8_grid(torch.cat([f.flatten() for f in fits.values()]))
-            fits = {width: self._round_int8(f, grid) for width, f in fits.items()}
         errors = torch.stack([sorted_cols.sse(fits[b]) for b in self.config.bit_set], dim=1)
-        return fits, errors * s[:, None].double() ** 2, grid
+        return fits, errors * s[:, None].double() ** 2
 
     def measures_model(self) -> bool:
         return self.config.allocation_scope == "model"
@@ -272,7 +265,7 @@ class CMPQ(Quantizer):
 
     def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
         w, s, _, _, sorted_cols = self._prepare(weight, stats)
-        _, weighted, _ = self._measure(sorted_cols, s)
+        _, weighted = self._measure(sorted_cols, s)
         if self.config.scope_error == "relative":
             weighted = weighted / (w.double().square().sum(dim=0) * s.double() ** 2).sum().clamp(min=1e-30)
         rows, columns = weight.shape
@@ -324,13 +317,12 @@ class CMPQ(Quantizer):
         cost = self._column_cost(rows)
         tolerance = BUDGET_TOLERANCE_BPW * numel
         fits: dict[int, torch.Tensor] = {}
-        grid = None
         if self.measures_model():
             if name not in self._plan:
                 raise CmpqError(f"no model-wide allocation for layer '{name}': was it measured?")
             index = self._plan[name]
         elif config.allocation == "error":
-            fits, weighted, grid = self._measure(sorted_cols, s)
+            fits, weighted = self._measure(sorted_cols, s)
             index = self._allocate(lambda budget: allocate_greedy(weighted, cost, budget, tolerance),
                                    lambda index: weighted.gather(1, index[:, None]).sum().item(),
                                    rows, columns, n_outliers)
@@ -342,8 +334,7 @@ class CMPQ(Quantizer):
         widths = torch.tensor(config.bit_set)[index]
 
         codebooks = torch.zeros(columns, 2 ** max(config.bit_set))
-        grid = self._fit_columns(sorted_cols, widths, codebooks, fits, torch.ones(columns, dtype=torch.bool),
-                                 int8_grid=grid)
+        grid = self._fit_columns(sorted_cols, widths, codebooks, fits, torch.ones(columns, dtype=torch.bool))
         codes = self._codes(values, widths, codebooks)
         outliers = act_mask
         if n_q:
@@ -421,24 +412,18 @@ class CMPQ(Quantizer):
             codebooks[cols, : 2**width] = centroids
         if self.config.codebook == "int8":
             used = torch.arange(codebooks.shape[1])[None, :] < (2 ** widths.long())[:, None]
-            grid = int8_grid or self._int8_grid(codebooks[used])
-            rounded = self._round_int8(codebooks, grid)
+            lo, scale = int8_grid or self._int8_grid(codebooks, used)
+            rounded = lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
             codebooks.copy_(torch.where(used & refit[:, None], rounded, codebooks))  # monotone: rows stay sorted
-            return grid
+            return lo, scale
         return None
 
     @staticmethod
-    def _int8_grid(entries: torch.Tensor) -> tuple[float, float]:
-        """One FP16 offset and scale per layer spanning all the given codebook entries in 256 steps."""
-        lo = entries.min().half().float()
-        scale = ((entries.max() - lo) / 255).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+    def _int8_grid(codebooks: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
+        """One FP16 offset and scale per layer spanning every used codebook entry in 256 steps."""
+        lo = codebooks[used].min().half().float()
+        scale = ((codebooks[used].max() - lo) / 255).half().float().clamp(min=torch.finfo(torch.float16).tiny)
         return float(lo), float(scale)
-
-    @staticmethod
-    def _round_int8(codebooks: torch.Tensor, grid: tuple[float, float]) -> torch.Tensor:
-        """Entries rounded to the grid offset + scale * code, code in 0..255 (monotone: sorted rows stay sorted)."""
-        lo, scale = grid
-        return lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
 
     @staticmethod
     def _codes(values: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
