@@ -21,3 +21,8 @@ class ModelNotFoundError(CmpqError):
 
 class DataNotFoundError(CmpqError):
     """An evaluation or calibration dataset could not be found in any of the places searched."""
+
+
+class FormatError(CmpqError):
+    """A saved quantized model is truncated, corrupted, of another format version, or inconsistent; the message
+    names the file (and tensor) and what is wrong."""

@@ -20,6 +20,7 @@ import torch
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.errors import CmpqError
+from cmpq.packed.bitplanes import padded_rows
 from cmpq.quantizers.base import (BUDGET_TOLERANCE_BPW, FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer,
                                   register)
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
@@ -158,8 +159,9 @@ class CMPQWeight(QuantizedWeight):
         entry_bits = CODEBOOK_FORMATS[self.codebook_format]
         params = int((2**widths).sum()) * entry_bits + (2 * FP16_BITS if self.codebook_format == "int8" else 0)
         values, indices = sparse_bits(rows, columns, self.outlier_values.numel())
-        return BitBreakdown(weights=rows * columns, codes=rows * int(widths.sum()), params=params, outliers=values,
-                            indices=indices, maps=map_bits(columns, int(torch.unique(widths).numel())))
+        return BitBreakdown(weights=rows * columns, codes=padded_rows(rows) * int(widths.sum()), params=params,
+                            outliers=values, indices=indices,
+                            maps=map_bits(columns, int(torch.unique(widths).numel())))
 
 
 def top_k_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -194,9 +196,10 @@ class CMPQ(Quantizer):
         return centroids.half().float()
 
     def _column_cost(self, rows: int) -> torch.Tensor:
-        """Bits one column costs at each width of the bit set (codes, plus its codebook in honest mode)."""
+        """Bits one column costs at each width of the bit set (codes, stored in whole 16-row groups, plus its
+        codebook in honest mode)."""
         widths = torch.tensor(self.config.bit_set, dtype=torch.float64)
-        cost = rows * widths
+        cost = padded_rows(rows) * widths
         if self.config.bits_mode == "honest":
             cost = cost + (2**widths) * CODEBOOK_FORMATS[self.config.codebook]
         return cost

@@ -1,0 +1,163 @@
+"""A CMPQ layer as stored: the tensors of the packed format, and the module that computes with them.
+
+Per layer (all little-endian, names relative to the module):
+- `levels` uint8 (n,): the distinct column widths, ascending;
+- `width_map` uint8: each column's index into `levels`, ceil(log2 n) bits per column, in the layer's own
+  column order (a bit stream, `bitplanes.pack_stream`). Columns are stored sorted by width (a stable sort),
+  so equal widths form contiguous segments; that permutation is derived from the map, never stored;
+- `codes` uint16 (groups, sum of widths): bit planes of 16-row groups, columns in stored order (`bitplanes`);
+- `codebooks`: each stored column's 2^b entries, concatenated: float16, or uint8 codes of the layer grid
+  `grid` float16 (offset, scale), entry = offset + scale * code;
+- `outlier_values` float16, `outlier_cols` (narrowest unsigned type for in_features - 1), `outlier_rowptr`
+  (narrowest for their count): the FP16 outliers in CSR by row, in the original column order (all three
+  empty when there are none).
+Every stored bit is one the honest accounting counts (`CMPQWeight.storage`), so file size = accounting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cmpq.errors import FormatError
+from cmpq.packed.bitplanes import pack_planes, pack_stream, unpack_planes, unpack_stream
+from cmpq.quantizers.cmpq.quantizer import CMPQWeight, index_bits
+
+INDEX_DTYPES = {8: torch.uint8, 16: torch.uint16, 32: torch.int32, 64: torch.int64}
+
+
+def map_width(levels: int) -> int:
+    """Bits per column of the width map when the layer uses `levels` distinct widths."""
+    return math.ceil(math.log2(levels)) if levels > 1 else 0
+
+
+def stored_order(widths: torch.Tensor) -> torch.Tensor:
+    """Column permutation that groups equal widths (ascending, stable): stored column i is column order[i]."""
+    return torch.sort(widths.long(), stable=True).indices
+
+
+def pack_cmpq(qw: CMPQWeight) -> dict[str, torch.Tensor]:
+    """The packed tensors of one CMPQ layer (see the module docstring)."""
+    rows, columns = qw.shape
+    widths = qw.widths.long()
+    levels = torch.unique(widths)
+    order = stored_order(widths)
+    stored_widths = widths[order]
+    entries = torch.cat([qw.codebooks[j, : 2 ** int(widths[j])] for j in order.tolist()])
+    tensors = {
+        "levels": levels.to(torch.uint8),
+        "width_map": pack_stream(torch.searchsorted(levels, widths), map_width(levels.numel())),
+        "codes": pack_planes(qw.codes[:, order], stored_widths),
+    }
+    if qw.codebook_format == "int8":
+        lo, scale = qw.int8_grid
+        tensors["codebooks"] = torch.round((entries - lo) / scale).clamp(0, 255).to(torch.uint8)
+        tensors["grid"] = torch.tensor([lo, scale], dtype=torch.float16)
+    else:
+        tensors["codebooks"] = entries.half()
+    nnz = qw.outlier_values.numel()
+    rowptr = torch.zeros(rows + 1, dtype=torch.long)
+    rowptr[1:] = torch.cumsum(torch.bincount(qw.outlier_rows, minlength=rows), 0)
+    tensors["outlier_values"] = qw.outlier_values.half()
+    tensors["outlier_cols"] = qw.outlier_cols.to(INDEX_DTYPES[index_bits(max(columns - 1, 0))])
+    # no outliers: no row pointer either (the accounting counts none)
+    tensors["outlier_rowptr"] = rowptr.to(INDEX_DTYPES[index_bits(nnz)]) if nnz else torch.zeros(0, dtype=torch.uint8)
+    return tensors
+
+
+def _check(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise FormatError(f"{where}: {message}")
+
+
+def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+                where: str = "layer") -> CMPQWeight:
+    """Rebuild the `CMPQWeight` (bit-identical dequantization) from packed tensors, validating every shape
+    and range so that a corrupt file fails here, naming `where`, instead of deep inside a kernel."""
+    required = ("levels", "width_map", "codes", "codebooks", "outlier_values", "outlier_cols", "outlier_rowptr")
+    missing = [name for name in required if name not in tensors]
+    _check(not missing, where, f"missing tensors {missing}")
+    levels = tensors["levels"].long()
+    _check(levels.dim() == 1 and 0 < levels.numel() <= 8 and bool((levels >= 1).all()) and bool((levels <= 8).all())
+           and bool((levels[1:] > levels[:-1]).all()), where, f"invalid width levels {levels.tolist()}")
+    bits = map_width(levels.numel())
+    try:
+        index = unpack_stream(tensors["width_map"], bits, in_features)
+    except ValueError as exc:
+        raise FormatError(f"{where}: width_map: {exc}") from None
+    _check(bool((index < levels.numel()).all()), where, "width_map points past the width levels")
+    widths = levels[index]
+    order = stored_order(widths)
+    try:
+        stored_codes = unpack_planes(tensors["codes"].view(torch.uint16) if tensors["codes"].dtype == torch.int16
+                                     else tensors["codes"], widths[order], out_features)
+    except ValueError as exc:
+        raise FormatError(f"{where}: codes: {exc}") from None
+    sizes = 2 ** widths[order]
+    raw = tensors["codebooks"]
+    _check(raw.dim() == 1 and raw.numel() == int(sizes.sum()), where,
+           f"codebooks hold {raw.numel()} entries, the widths need {int(sizes.sum())}")
+    grid = None
+    if raw.dtype == torch.uint8:
+        _check("grid" in tensors and tensors["grid"].numel() == 2, where, "int8 codebooks without their grid")
+        lo, scale = (float(v) for v in tensors["grid"].float())
+        grid = (lo, scale)
+        entries = lo + scale * raw.float()
+        codebook_format = "int8"
+    else:
+        _check(raw.dtype == torch.float16, where, f"codebooks of dtype {raw.dtype}, expected float16 or uint8")
+        entries = raw.float()
+        codebook_format = "fp16"
+    codebooks = torch.zeros(in_features, 2 ** int(levels.max()))
+    starts = torch.cumsum(sizes, 0) - sizes
+    for position, column in enumerate(order.tolist()):
+        size = int(sizes[position])
+        codebooks[column, :size] = entries[int(starts[position]): int(starts[position]) + size]
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
+    codes[:, order] = stored_codes.to(torch.uint8)
+    values, cols, rowptr = tensors["outlier_values"], tensors["outlier_cols"].long(), tensors["outlier_rowptr"].long()
+    if rowptr.numel() == 0 and values.numel() == 0:
+        rowptr = torch.zeros(out_features + 1, dtype=torch.long)
+    _check(values.dtype == torch.float16 and values.dim() == 1, where, "outlier_values must be float16 (nnz,)")
+    _check(rowptr.numel() == out_features + 1 and int(rowptr[0]) == 0 and int(rowptr[-1]) == values.numel()
+           and bool((rowptr[1:] >= rowptr[:-1]).all()), where, "outlier_rowptr is not a valid CSR row pointer")
+    _check(cols.numel() == values.numel() and bool((cols >= 0).all()) and bool((cols < in_features).all()), where,
+           "outlier_cols do not match the values or point outside the layer")
+    rows = torch.repeat_interleave(torch.arange(out_features), rowptr[1:] - rowptr[:-1])
+    return CMPQWeight(widths=widths.to(torch.uint8), codes=codes, codebooks=codebooks, outlier_rows=rows,
+                      outlier_cols=cols, outlier_values=values, codebook_format=codebook_format, int8_grid=grid)
+
+
+class CMPQLinear(nn.Module):
+    """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file). The reference path
+    dequantizes the weight and calls F.linear."""
+
+    def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_weight(cls, qw: CMPQWeight, bias: torch.Tensor | None = None) -> "CMPQLinear":
+        rows, columns = qw.shape
+        return cls(columns, rows, pack_cmpq(qw), bias)
+
+    def quantized_weight(self, where: str = "layer") -> CMPQWeight:
+        return unpack_cmpq(dict(self.named_buffers(recurse=False)), self.out_features, self.in_features, where)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.quantized_weight().dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantize().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"levels={self.levels.tolist()}, outliers={self.outlier_values.numel()}"
