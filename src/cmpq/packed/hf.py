@@ -1,0 +1,125 @@
+"""Hugging Face integration: `quant_method: "cmpq"` in a config.json, understood by transformers.
+
+After `import cmpq` (see `cmpq/__init__.py`), `AutoModelForCausalLM.from_pretrained(dir)` on a directory saved by
+`cmpq.packed.model_io.save_quantized` replaces each quantized nn.Linear by a `CMPQLinear` before the weights
+load (shapes read from the safetensors headers), lets transformers fill its buffers with the stored tensors
+as they are, and validates every layer afterwards, so a corrupt file is a `FormatError` naming the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from cmpq.errors import FormatError
+from cmpq.packed.cmpq_layer import CMPQLinear
+
+QUANT_METHOD = "cmpq"
+FORMAT_VERSION = 1
+LAYER_TENSORS = ("levels", "width_map", "codes", "codebooks", "grid", "outlier_values", "outlier_cols",
+                 "outlier_rowptr")
+_DTYPES = {"U8": torch.uint8, "U16": torch.uint16, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+@register_quantization_config(QUANT_METHOD)
+class CmpqHfConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a saved cmpq model: method, its options, targets, format version."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, method: str = "cmpq", config: dict | None = None,
+                 target_bits: float | None = None, bpw: float | None = None, layers: list[str] | None = None,
+                 checksum: str | None = None, **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.method = method
+        self.config = config or {}
+        self.target_bits = target_bits
+        self.bpw = bpw
+        self.layers = layers or []
+        self.checksum = checksum
+
+
+def checkpoint_layout(files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{tensor name: (shape, dtype)} from the safetensors headers (no tensor data is read)."""
+    layout = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    part = handle.get_slice(key)
+                    layout[key] = (tuple(part.get_shape()), _DTYPES[part.get_dtype()])
+        except Exception as exc:  # safetensors raises its own error types for truncated or garbled headers
+            raise FormatError(f"{file}: not a readable safetensors file ({exc})") from None
+    return layout
+
+
+def replace_linears(model: nn.Module, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], layers: list[str],
+                    where: str) -> None:
+    """Put an empty `CMPQLinear` (buffers shaped as in the file) in place of every listed nn.Linear."""
+    for name in layers:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"{where}: quantized layer '{name}' does not exist in this model") from None
+        if not isinstance(linear, (nn.Linear, CMPQLinear)):
+            raise FormatError(f"{where}: '{name}' is a {type(linear).__name__}, not a linear layer")
+        present = {t: layout[f"{name}.{t}"] for t in LAYER_TENSORS if f"{name}.{t}" in layout}
+        if "codes" not in present:
+            raise FormatError(f"{where}: the tensors of quantized layer '{name}' are missing")
+        tensors = {t: torch.empty(shape, dtype=dtype) for t, (shape, dtype) in present.items()}
+        bias = torch.empty(linear.out_features) if linear.bias is not None else None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                CMPQLinear(linear.in_features, linear.out_features, tensors, bias))
+
+
+def check_config(config: Any, where: str) -> None:
+    """Refuse other formats and versions with a message that says what was found."""
+    method = getattr(config, "quant_method", None)
+    if method != QUANT_METHOD:
+        raise FormatError(f"{where}: quant_method is {method!r}, not '{QUANT_METHOD}'")
+    version = getattr(config, "format_version", None)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{where}: format version {version!r}; this cmpq reads version {FORMAT_VERSION} "
+                          f"(re-quantize, or use the cmpq release that wrote it)")
+
+
+@register_quantizer(QUANT_METHOD)
+class CmpqHfQuantizer(HfQuantizer):
+    """Loads pre-quantized cmpq checkpoints (quantizing happens in cmpq, with calibration)."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        check_config(self.quantization_config, "config.json")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> nn.Module:
+        files = list(checkpoint_files or [])
+        where = files[0] if files else "checkpoint"
+        replace_linears(model, checkpoint_layout(files), list(self.quantization_config.layers), where)
+        return model
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        module, _, tensor = param_name.rpartition(".")
+        return tensor in LAYER_TENSORS and isinstance(model.get_submodule(module), CMPQLinear)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for name, module in model.named_modules():
+            if isinstance(module, CMPQLinear):
+                module.quantized_weight(where=name)  # raises FormatError on any inconsistency
+        return model
+
+    def is_serializable(self, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

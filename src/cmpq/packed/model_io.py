@@ -1,0 +1,149 @@
+"""Save a quantized model as a Hugging Face style directory, and load it back (`cmpq.load`).
+
+The directory holds `config.json` (the model's config with a `quantization_config`: method, options, target
+and honest bpw, format version, the list of quantized layers and the SHA-256 of the weights file), the
+tokenizer files, and `model.safetensors`: every unquantized tensor as it was in the model, and per quantized
+layer the packed tensors of `cmpq_layer.py`. It is written into a temporary directory next to the target and
+renamed into place, so an interrupted save never leaves a half-written model under the target name.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from cmpq.config import config_to_dict
+from cmpq.errors import CmpqError, FormatError, ModelNotFoundError
+from cmpq.models.arch import find_arch
+from cmpq.models.load import LoadedModel
+from cmpq.packed.cmpq_layer import pack_cmpq
+from cmpq.packed.hf import FORMAT_VERSION, QUANT_METHOD, CmpqHfConfig, check_config
+from cmpq.pipeline import QuantizationResult
+from cmpq.quantizers.base import Quantizer
+from cmpq.quantizers.cmpq.quantizer import CMPQWeight
+
+WEIGHTS = "model.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_target(directory: Path, overwrite: bool) -> None:
+    """Fail before any long work if the target exists (without `overwrite`) or its parent is not writable."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise CmpqError(f"{directory} exists; pass --overwrite to replace it")
+    parent = directory.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise CmpqError(f"cannot write into {parent}")
+
+
+def packed_state(loaded: LoadedModel, result: QuantizationResult) -> dict[str, torch.Tensor]:
+    """Every tensor to store: unquantized ones as they are (a tied copy once), quantized layers packed."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in loaded.model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in result.layers and leaf == "weight":
+            continue
+        if tensor.data_ptr() in seen:  # tied weights (lm_head = embeddings): transformers re-ties on load
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach().contiguous()
+    for name, qw in result.layers.items():
+        if not isinstance(qw, CMPQWeight):
+            raise CmpqError(f"saving {result.method} layers is not supported yet (only cmpq)")
+        for tensor_name, tensor in pack_cmpq(qw).items():
+            state[f"{name}.{tensor_name}"] = tensor
+    return state
+
+
+def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Quantizer, directory: Path,
+                   overwrite: bool = False) -> Path:
+    """Write the quantized model to `directory` atomically; returns the directory."""
+    directory = Path(directory)
+    check_target(directory, overwrite)
+    storage = result.storage()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.resolve().parent))
+    try:
+        save_file(packed_state(loaded, result), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = copy.deepcopy(loaded.model.config)
+        config.quantization_config = CmpqHfConfig(
+            method=result.method, config=json.loads(json.dumps(config_to_dict(quantizer.config))),
+            target_bits=quantizer.target_bits(), bpw=storage.bpw, layers=sorted(result.layers),
+            checksum=sha256(tmp / WEIGHTS)).to_dict()
+        config.dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_quantization_config(directory: Path) -> dict[str, Any]:
+    """The `quantization_config` of a saved model, checked for method and format version."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"{directory}: no config.json; is this a directory saved by cmpq?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict):
+        raise FormatError(f"{path}: no quantization_config; not a quantized model")
+    check_config(CmpqHfConfig(**quant), str(path))
+    return quant
+
+
+def load(directory: str | Path, verify: bool = True) -> LoadedModel:
+    """A model saved by `save_quantized`, with `CMPQLinear` layers, its tokenizer and architecture table.
+    With `verify`, the weights file's SHA-256 is checked first (any corruption is a clear error)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    quant = read_quantization_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise FormatError(f"{weights}: missing")
+    if verify and quant.get("checksum") and sha256(weights) != quant["checksum"]:
+        raise FormatError(f"{weights}: checksum mismatch: the file is truncated, corrupted or was modified")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory))
+    except (FormatError, ModelNotFoundError):
+        raise
+    except Exception as exc:  # safetensors / transformers errors on a damaged file
+        raise FormatError(f"{weights}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").exists() \
+        else None
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=find_arch(model), spec=str(directory),
+                       source=str(directory))
+
+
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "load", "save_quantized"]

@@ -1,0 +1,114 @@
+"""Saving and loading whole quantized models: bit-identical round trip, transformers' from_pretrained after
+`import cmpq`, file size = accounting + unquantized tensors, atomic writes, clear errors on damaged files."""
+
+import json
+
+import pytest
+import torch
+
+import cmpq
+from cmpq.errors import CmpqError, FormatError
+from cmpq.models.arch import find_arch
+from cmpq.models.load import LoadedModel
+from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
+from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.packed.model_io import WEIGHTS, load, save_quantized
+from cmpq.pipeline import quantize_model
+from cmpq.quantizers import get_quantizer
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    model = tiny_model("llama", seed=0)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), arch=find_arch(model), spec="tiny", source="tiny")
+    windows = torch.randint(3, TINY_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantizer = get_quantizer("cmpq", preset="best", bits=3.0, act_outliers=0.01)
+    result = quantize_model(model, loaded.arch, quantizer, windows, progress=False)
+    directory = save_quantized(loaded, result, quantizer, tmp_path_factory.mktemp("saved") / "tiny-3bit")
+    return loaded, result, directory
+
+
+def test_round_trip_is_bit_identical_and_gives_the_same_logits(quantized):
+    loaded, result, directory = quantized
+    reloaded = load(directory)
+    for name, qw in result.layers.items():
+        module = reloaded.model.get_submodule(name)
+        assert isinstance(module, CMPQLinear)
+        assert torch.equal(module.dequantize(), qw.dequantize()), name
+    ids = torch.randint(3, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(ids).logits, loaded.model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert reloaded.tokenizer is not None and reloaded.arch.name == loaded.arch.name
+
+
+def test_transformers_from_pretrained_works_after_import_cmpq(quantized):
+    from transformers import AutoModelForCausalLM
+
+    loaded, result, directory = quantized
+    assert cmpq.__version__
+    model, info = AutoModelForCausalLM.from_pretrained(str(directory), output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    name = next(iter(result.layers))
+    assert torch.equal(model.get_submodule(name).dequantize(), result.layers[name].dequantize())
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_file_size_equals_the_accounting_plus_unquantized_tensors(quantized):
+    loaded, result, directory = quantized
+    quantized_bytes = result.storage().total / 8
+    state = loaded.model.state_dict()
+    unquantized_bytes = sum(t.numel() * t.element_size() for name, t in state.items()
+                            if name.rpartition(".")[0] not in result.layers and name != "lm_head.weight")
+    size = (directory / WEIGHTS).stat().st_size
+    # safetensors adds a JSON header; width maps round up to whole bytes
+    assert abs(size - unquantized_bytes - quantized_bytes) <= 0.01 * quantized_bytes + 16_384
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "cmpq" and config["format_version"] == 1
+    assert config["bpw"] == pytest.approx(result.storage().bpw) and config["target_bits"] == 3.0
+
+
+def test_an_existing_directory_is_not_overwritten_without_asking(quantized, tmp_path):
+    loaded, result, directory = quantized
+    quantizer = get_quantizer("cmpq", preset="best", bits=3.0)
+    with pytest.raises(CmpqError, match="exists"):
+        save_quantized(loaded, result, quantizer, directory)
+    target = tmp_path / "again"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    save_quantized(loaded, result, quantizer, target, overwrite=True)
+    assert not (target / "stale.txt").exists() and (target / WEIGHTS).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temporary or backup directories left
+
+
+def copy_dir(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_truncated_corrupted_and_foreign_files_fail_clearly(quantized, tmp_path):
+    _, _, directory = quantized
+    truncated = copy_dir(directory, tmp_path / "truncated")
+    data = (truncated / WEIGHTS).read_bytes()
+    (truncated / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="model.safetensors.*checksum"):
+        load(truncated)
+    with pytest.raises(FormatError, match="model.safetensors"):
+        load(truncated, verify=False)
+
+    flipped = copy_dir(directory, tmp_path / "flipped")
+    data = bytearray((flipped / WEIGHTS).read_bytes())
+    data[-100] ^= 0xFF
+    (flipped / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        load(flipped)
+
+    future = copy_dir(directory, tmp_path / "future")
+    config = json.loads((future / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (future / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match="format version 99"):
+        load(future)
+    with pytest.raises(CmpqError, match="no config.json"):
+        load(tmp_path)
