@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
                    help="comma-separated perplexity datasets after quantizing (wikitext2, c4, or paths to UTF-8 text "
                         "files), or 'none' (default: wikitext2,c4)")
+    q.add_argument("--out", metavar="DIR",
+                   help="save the quantized model there (packed format: config.json, tokenizer, model.safetensors); "
+                        "load it with `cmpq generate --model DIR`, `cmpq eval --model DIR` or transformers' "
+                        "AutoModelForCausalLM.from_pretrained(DIR) after `import cmpq`")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
     e = sub.add_parser("eval", help="evaluate a model (e.g. the float reference)",
                        description="Perplexity of a model per PROTOCOL.md.")
@@ -135,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
                    help="comma-separated perplexity datasets: wikitext2, c4, or paths to UTF-8 text files "
                         "(default: wikitext2,c4)")
+    g = sub.add_parser("generate", help="generate text with a model (e.g. one saved by quantize --out)",
+                       description="Greedy (or sampled) generation with a KV cache; prints the text and the decode "
+                                   "speed in tokens/s.")
+    g.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP + ", or a directory saved by cmpq")
+    g.add_argument("--prompt", required=True, help="the prompt text (chat models: plain text is used as is)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples with this temperature")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     i = sub.add_parser("inspect", help="per-layer bit-widths, outliers and bpw of a quantization result",
                        description="Show per layer the histogram of bit-widths, outlier counts and honest bpw with "
                                    "its breakdown, and write a PNG heatmap (layers x bit-widths).")
@@ -180,12 +195,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from cmpq.data.sources import load_eval_text
     from cmpq.eval.records import append_record, check_writable
     from cmpq.models.load import load_model
+    from cmpq.packed.model_io import WEIGHTS, check_target, save_quantized
     from cmpq.quantizers import QUANTIZERS, get_quantizer
 
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
         return _inspect(args)
     workflow.set_threads(args.threads)
+    if args.command == "generate":
+        return _generate(args)
     progress = not args.no_progress
     if args.json:
         check_writable(args.json)
@@ -198,11 +216,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
         for name in eval_config.datasets:
             load_eval_text(name)
+        if args.out:
+            check_target(Path(args.out), args.overwrite)
         loaded = load_model(args.model)
         result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress)
         ppl = workflow.evaluate(loaded, eval_config, progress)
         record = workflow.quantization_record(loaded, quantizer, result, calib_info, ppl,
                                               args.protocol if ppl else None)
+        if args.out:
+            directory = save_quantized(loaded, result, quantizer, Path(args.out), overwrite=args.overwrite)
+            record["file_bytes"] = (directory / WEIGHTS).stat().st_size
+            record["saved_to"] = str(directory)
+            print(f"saved to {directory} ({record['file_bytes']:,} bytes in {WEIGHTS})")
     else:
         eval_config = EvalConfig(datasets=args.ppl, protocol=args.protocol)
         for name in eval_config.datasets:
@@ -214,6 +239,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         append_record(args.json, record)
     _print_summary(record)
     return record
+
+
+def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    from cmpq.generate import generate
+    from cmpq.models.load import load_model
+
+    loaded = load_model(args.model)
+    result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    print(result.text)
+    print(f"[{result.new_tokens} tokens in {result.decode_seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
+          f"decode, prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s]", file=sys.stderr)
+    return {"text": result.text, "tokens_per_second": result.tokens_per_second}
 
 
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:

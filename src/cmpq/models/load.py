@@ -99,6 +99,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelNotFoundError(f"{path} is a directory but has no config.json (not a Hugging Face model)")
+            if _is_cmpq_directory(path):
+                from cmpq.packed.model_io import load
+
+                loaded = load(path)
+                loaded.spec = spec
+                return loaded
             directory = str(path)
         elif path.exists() or _looks_like_path(spec):
             raise ModelNotFoundError(f"no model at '{spec}': expected '{DEFAULT_MODEL}', a Hugging Face model "
@@ -122,6 +128,18 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, spec=spec, source=source)
+
+
+def _is_cmpq_directory(path: Path) -> bool:
+    """Whether a model directory was saved by cmpq (its config names quant_method "cmpq")."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "cmpq"
 
 
 def _hub_kwargs(repo_id: str) -> dict[str, object]:
