@@ -132,8 +132,11 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
 
 
 class CMPQLinear(nn.Module):
-    """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file). The reference path
-    dequantizes the weight and calls F.linear."""
+    """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file).
+
+    Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for up to 8 tokens, a dequantized tile
+    and a dense matmul above) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
+    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either."""
 
     def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None) -> None:
@@ -142,6 +145,9 @@ class CMPQLinear(nn.Module):
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.kernel: str | None = None  # None: $CMPQ_KERNEL, else "auto"
+        self.isa: str | None = None     # None: $CMPQ_ISA, else the best this CPU has
+        self._native = None
 
     @classmethod
     def from_weight(cls, qw: CMPQWeight, bias: torch.Tensor | None = None) -> "CMPQLinear":
@@ -155,8 +161,36 @@ class CMPQLinear(nn.Module):
         return self.quantized_weight().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize().to(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        from cmpq.kernels import native
+
+        mode = self.kernel or native.kernel_mode()
+        if mode == "reference" or (mode == "auto" and native.library() is None):
+            weight = self.dequantize().to(x.dtype)
+            return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        if native.library() is None:
+            raise RuntimeError("the native kernels were forced but are not built")
+        if self._native is None:
+            self._native = self.prepare_native()
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        isa, threads = native.isa_code(self.isa), torch.get_num_threads()
+        if x2.shape[0] <= native.MAX_BATCH:
+            y = self._native.gemv(x2, bias, isa, threads)
+        else:
+            y = self._native.matmul(x2, bias, isa, threads)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def prepare_native(self):
+        """The kernels' view of this layer (stored-order codebooks in float32, outlier deltas)."""
+        from cmpq.kernels.native import prepare
+
+        qw = self.quantized_weight()
+        widths = qw.widths.long()
+        order = stored_order(widths)
+        entries = torch.cat([qw.codebooks[j, : 2 ** int(widths[j])] for j in order.tolist()])
+        replaced = qw.codebooks[qw.outlier_cols, qw.codes[qw.outlier_rows, qw.outlier_cols].long()]
+        return prepare(self.codes, widths[order], order, entries, self.out_features, self.in_features,
+                       qw.outlier_rows, qw.outlier_cols, qw.outlier_values, replaced)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

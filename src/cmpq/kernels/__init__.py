@@ -1,0 +1,1 @@
+"""Native mixed-precision LUT kernels (C, runtime ISA dispatch, OpenMP) and their ctypes bindings."""

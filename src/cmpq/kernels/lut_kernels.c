@@ -1,0 +1,364 @@
+/* Mixed-precision LUT kernels for packed CMPQ layers (see cmpq/packed/cmpq_layer.py for the format).
+ *
+ * A layer stores, per group of 16 output rows and per stored column i (columns sorted by width), w_i bit
+ * planes of 16 bits. Stored column i is original input column order[i] and has the codebook
+ * codebooks[cb_offset[i] .. + 2^w_i].
+ *
+ * lut_gemv (decode, batch 1..8): tables T_b[i][c] = codebook_i[c] * x_b[order[i]] are built once per call;
+ * each output is then a sum of table look-ups. AVX-512: the w planes of 16 rows become 16 table indices by
+ * masked adds (kmovw + vpaddd{k}), and vpermps looks the 16 values up in one register (widths above 4 bits
+ * use vpermi2ps on 32 entries and blend on the higher planes). Sparse outliers (CSR, delta = value minus the
+ * codebook value they replace) are added per row. dequant_t (prefill): the weight, transposed and in stored
+ * column order, for a dense matmul.
+ *
+ * Runtime dispatch: isa 2 = AVX-512 (F+BW), 1 = AVX2, 0 = portable C; -1 picks the best this CPU supports.
+ * No Python or torch headers: called through ctypes with raw pointers.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#define CMPQ_X86 1
+#include <immintrin.h>
+#endif
+
+#define GROUP 16
+#define MAX_BATCH 8
+
+typedef struct {
+    int64_t rows, cols, groups, words;      /* words: uint16 planes per 16-row group (sum of widths) */
+    const uint16_t *planes;                  /* (groups, words) */
+    const int32_t *order;                    /* (cols) stored column -> original column */
+    const uint8_t *widths;                   /* (cols) width of each stored column */
+    const float *codebooks;                  /* flat, stored order */
+    const int64_t *cb_offset;                /* (cols) */
+    const int32_t *orow, *ocol;              /* outliers CSR: (rows + 1), (nnz) original columns */
+    const float *odelta;                     /* (nnz) value - codebook value */
+    const float *bias;                       /* (rows) or NULL */
+} layer_t;
+
+int cmpq_isa_supported(int isa) {
+#ifdef CMPQ_X86
+    __builtin_cpu_init();
+    if (isa == 2) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    if (isa == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return isa == 0;
+}
+
+int cmpq_best_isa(void) {
+    for (int isa = 2; isa > 0; --isa)
+        if (cmpq_isa_supported(isa)) return isa;
+    return 0;
+}
+
+/* ---- tables: T[b * tsize + cb_offset[i] + c] = codebooks[cb_offset[i] + c] * x[b, order[i]] ---- */
+static void build_tables(const layer_t *L, const float *x, int64_t batch, float *T, int64_t tsize) {
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *xb = x + b * L->cols;
+        float *Tb = T + b * tsize;
+        for (int64_t i = 0; i < L->cols; ++i) {
+            const int64_t n = (int64_t)1 << L->widths[i], off = L->cb_offset[i];
+            const float xv = xb[L->order[i]];
+            for (int64_t c = 0; c < n; ++c) Tb[off + c] = L->codebooks[off + c] * xv;
+        }
+    }
+}
+
+static void add_outliers_and_bias(const layer_t *L, const float *x, int64_t batch, float *y, int64_t r0,
+                                  int64_t r1) {
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *xb = x + b * L->cols;
+        float *yb = y + b * L->rows;
+        for (int64_t r = r0; r < r1; ++r) {
+            float s = L->bias ? L->bias[r] : 0.0f;
+            for (int32_t k = L->orow[r]; k < L->orow[r + 1]; ++k) s += L->odelta[k] * xb[L->ocol[k]];
+            yb[r] += s;
+        }
+    }
+}
+
+/* ---- portable C ---- */
+static void gemv_portable(const layer_t *L, const float *T, int64_t tsize, int64_t batch, float *y, int64_t g0,
+                          int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+        float acc[MAX_BATCH][GROUP];
+        memset(acc, 0, sizeof(acc));
+        const uint16_t *p = L->planes + g * L->words;
+        for (int64_t i = 0; i < L->cols; ++i) {
+            const int w = L->widths[i];
+            const int64_t off = L->cb_offset[i];
+            for (int lane = 0; lane < GROUP; ++lane) {
+                int idx = 0;
+                for (int k = 0; k < w; ++k) idx |= ((p[k] >> lane) & 1) << k;
+                for (int64_t b = 0; b < batch; ++b) acc[b][lane] += T[b * tsize + off + idx];
+            }
+            p += w;
+        }
+        for (int64_t b = 0; b < batch; ++b)
+            for (int lane = 0; lane < GROUP; ++lane) {
+                const int64_t r = g * GROUP + lane;
+                if (r < L->rows) y[b * L->rows + r] = acc[b][lane];
+            }
+    }
+}
+
+static void dequant_portable(const layer_t *L, float *Wt, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+        const uint16_t *p = L->planes + g * L->words;
+        for (int64_t i = 0; i < L->cols; ++i) {
+            const int w = L->widths[i];
+            for (int lane = 0; lane < GROUP; ++lane) {
+                const int64_t r = g * GROUP + lane;
+                int idx = 0;
+                for (int k = 0; k < w; ++k) idx |= ((p[k] >> lane) & 1) << k;
+                if (r < L->rows) Wt[i * L->rows + r] = L->codebooks[L->cb_offset[i] + idx];
+            }
+            p += w;
+        }
+    }
+}
+
+#ifdef CMPQ_X86
+/* ---- AVX-512 ---- */
+__attribute__((target("avx512f,avx512bw"))) static inline __m512i decode512(const uint16_t *p, int w) {
+    __m512i idx = _mm512_maskz_mov_epi32((__mmask16)p[0], _mm512_set1_epi32(1));
+    for (int k = 1; k < w; ++k)
+        idx = _mm512_mask_add_epi32(idx, (__mmask16)p[k], idx, _mm512_set1_epi32(1 << k));
+    return idx;
+}
+
+/* 16 look-ups of table t (2^w entries) at idx; higher planes select among 32-entry halves */
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 lookup512(const float *t, __m512i idx, int w,
+                                                                          const uint16_t *p) {
+    if (w <= 4) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(t));
+    __m512 v = _mm512_permutex2var_ps(_mm512_loadu_ps(t), idx, _mm512_loadu_ps(t + 16));
+    if (w == 5) return v;
+    /* w >= 6: recurse over 32-entry blocks; plane k (k >= 5) picks the upper half of 2^(k+1) entries */
+    __m512 parts[8];
+    const int blocks = 1 << (w - 5);
+    parts[0] = v;
+    for (int j = 1; j < blocks; ++j)
+        parts[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(t + 32 * j), idx, _mm512_loadu_ps(t + 32 * j + 16));
+    for (int k = 5, n = blocks; k < w; ++k, n >>= 1)
+        for (int j = 0; j < n / 2; ++j)
+            parts[j] = _mm512_mask_mov_ps(parts[2 * j], (__mmask16)p[k], parts[2 * j + 1]);
+    return parts[0];
+}
+
+/* Batch 1, four 16-row groups per pass, one segment of columns of the same width W <= 4: the table is
+ * loaded once for 64 rows, the planes are read straight into mask registers (kmovw k, m16: a load, not a
+ * shuffle-port uop) and W is a compile-time constant, so the plane loop unrolls without branches. */
+#define DEF_SEG512(W)                                                                                           \
+    __attribute__((target("avx512f,avx512bw"))) static inline const uint16_t *seg512_##W(                     \
+        const float *t, int64_t n, const uint16_t *p, int64_t words, __m512 acc[4]) {                           \
+        const __m512i one = _mm512_set1_epi32(1);                                                               \
+        for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W) {                                                  \
+            const __m512 tab = _mm512_loadu_ps(t);                                                              \
+            for (int j = 0; j < 4; ++j) {                                                                       \
+                const uint16_t *q = p + j * words;                                                              \
+                __m512i idx = _mm512_maskz_mov_epi32(_load_mask16((__mmask16 *)q), one);                        \
+                for (int k = 1; k < W; ++k)                                                                     \
+                    idx = _mm512_mask_add_epi32(idx, _load_mask16((__mmask16 *)(q + k)), idx,                   \
+                                                _mm512_set1_epi32(1 << k));                                     \
+                acc[j] = _mm512_add_ps(acc[j], _mm512_permutexvar_ps(idx, tab));                                \
+            }                                                                                                   \
+        }                                                                                                       \
+        return p;                                                                                               \
+    }
+DEF_SEG512(1)
+DEF_SEG512(2)
+DEF_SEG512(3)
+DEF_SEG512(4)
+
+__attribute__((target("avx512f,avx512bw"))) static void gemv_avx512(const layer_t *L, const float *T,
+                                                                    int64_t tsize, int64_t batch, float *y,
+                                                                    int64_t g0, int64_t g1) {
+    int64_t g = g0;
+    if (batch == 1) {
+        for (; g + 4 <= g1; g += 4) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            const uint16_t *p = L->planes + g * L->words;
+            for (int64_t i = 0; i < L->cols;) {  /* segments of equal width (columns are stored sorted) */
+                const int w = L->widths[i];
+                int64_t n = 1;
+                while (i + n < L->cols && L->widths[i + n] == w) ++n;
+                const float *t = T + L->cb_offset[i];
+                switch (w) {
+                    case 1: p = seg512_1(t, n, p, L->words, acc); break;
+                    case 2: p = seg512_2(t, n, p, L->words, acc); break;
+                    case 3: p = seg512_3(t, n, p, L->words, acc); break;
+                    case 4: p = seg512_4(t, n, p, L->words, acc); break;
+                    default:
+                        for (int64_t c = 0; c < n; ++c, p += w) {
+                            const float *tc = T + L->cb_offset[i + c];
+                            for (int j = 0; j < 4; ++j) {
+                                const uint16_t *q = p + j * L->words;
+                                acc[j] = _mm512_add_ps(acc[j], lookup512(tc, decode512(q, w), w, q));
+                            }
+                        }
+                }
+                i += n;
+            }
+            for (int j = 0; j < 4; ++j) {
+                const int64_t r = (g + j) * GROUP, left = L->rows - r;
+                const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                _mm512_mask_storeu_ps(y + r, m, acc[j]);
+            }
+        }
+    }
+    for (; g < g1; ++g) {
+        __m512 acc[MAX_BATCH];
+        for (int64_t b = 0; b < batch; ++b) acc[b] = _mm512_setzero_ps();
+        const uint16_t *p = L->planes + g * L->words;
+        for (int64_t i = 0; i < L->cols; ++i) {
+            const int w = L->widths[i];
+            const __m512i idx = decode512(p, w);
+            for (int64_t b = 0; b < batch; ++b)
+                acc[b] = _mm512_add_ps(acc[b], lookup512(T + b * tsize + L->cb_offset[i], idx, w, p));
+            p += w;
+        }
+        const int64_t r = g * GROUP, left = L->rows - r;
+        const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        for (int64_t b = 0; b < batch; ++b) _mm512_mask_storeu_ps(y + b * L->rows + r, m, acc[b]);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void dequant_avx512(const layer_t *L, float *Wt, int64_t g0,
+                                                                       int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+        const uint16_t *p = L->planes + g * L->words;
+        const int64_t r = g * GROUP, left = L->rows - r;
+        const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        for (int64_t i = 0; i < L->cols; ++i) {
+            const int w = L->widths[i];
+            const __m512 v = lookup512(L->codebooks + L->cb_offset[i], decode512(p, w), w, p);
+            _mm512_mask_storeu_ps(Wt + i * L->rows + r, m, v);
+            p += w;
+        }
+    }
+}
+
+/* ---- AVX2: 8 rows at a time (one byte of each plane); vpermps holds 8 entries ---- */
+__attribute__((target("avx2,fma"))) static inline __m256i decode256(const uint16_t *p, int w, int half) {
+    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i idx = _mm256_setzero_si256();
+    for (int k = 0; k < w; ++k) {
+        const __m256i word = _mm256_set1_epi32((p[k] >> (8 * half)) & 0xFF);
+        const __m256i bit = _mm256_cmpeq_epi32(_mm256_and_si256(word, lanes), lanes);
+        idx = _mm256_or_si256(idx, _mm256_and_si256(bit, _mm256_set1_epi32(1 << k)));
+    }
+    return idx;
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 lookup256(const float *t, __m256i idx, int w) {
+    if (w <= 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx);
+    /* 8-entry blocks selected by the bits above the third: blend by comparing the block number */
+    const __m256i low = _mm256_and_si256(idx, _mm256_set1_epi32(7)), block = _mm256_srli_epi32(idx, 3);
+    __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), low);
+    for (int j = 1; j < (1 << (w - 3)); ++j) {
+        const __m256 u = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8 * j), low);
+        v = _mm256_blendv_ps(v, u, _mm256_castsi256_ps(_mm256_cmpeq_epi32(block, _mm256_set1_epi32(j))));
+    }
+    return v;
+}
+
+__attribute__((target("avx2,fma"))) static void gemv_avx2(const layer_t *L, const float *T, int64_t tsize,
+                                                          int64_t batch, float *y, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+        for (int half = 0; half < 2; ++half) {
+            const int64_t r = g * GROUP + 8 * half;
+            if (r >= L->rows) break;
+            __m256 acc[MAX_BATCH];
+            for (int64_t b = 0; b < batch; ++b) acc[b] = _mm256_setzero_ps();
+            const uint16_t *p = L->planes + g * L->words;
+            for (int64_t i = 0; i < L->cols; ++i) {
+                const int w = L->widths[i];
+                const __m256i idx = decode256(p, w, half);
+                for (int64_t b = 0; b < batch; ++b)
+                    acc[b] = _mm256_add_ps(acc[b], lookup256(T + b * tsize + L->cb_offset[i], idx, w));
+                p += w;
+            }
+            const int64_t left = L->rows - r;
+            for (int64_t b = 0; b < batch; ++b) {
+                if (left >= 8) {
+                    _mm256_storeu_ps(y + b * L->rows + r, acc[b]);
+                } else {
+                    float tmp[8];
+                    _mm256_storeu_ps(tmp, acc[b]);
+                    memcpy(y + b * L->rows + r, tmp, sizeof(float) * (size_t)left);
+                }
+            }
+        }
+    }
+}
+#endif
+
+static void make_layer(layer_t *L, int64_t rows, int64_t cols, const uint16_t *planes, const int32_t *order,
+                       const uint8_t *widths, const float *codebooks, const int64_t *cb_offset, const int32_t *orow,
+                       const int32_t *ocol, const float *odelta, const float *bias) {
+    L->rows = rows; L->cols = cols; L->groups = (rows + GROUP - 1) / GROUP;
+    L->words = 0;
+    for (int64_t i = 0; i < cols; ++i) L->words += widths[i];
+    L->planes = planes; L->order = order; L->widths = widths; L->codebooks = codebooks; L->cb_offset = cb_offset;
+    L->orow = orow; L->ocol = ocol; L->odelta = odelta; L->bias = bias;
+}
+
+static void set_threads(int nthreads) {
+#ifdef _OPENMP
+    if (nthreads > 0) omp_set_num_threads(nthreads);
+#else
+    (void)nthreads;
+#endif
+}
+
+/* y (batch, rows) = x (batch, cols) W^T (+ bias); tables: scratch of batch * table_size floats (+16 padding).
+ * Returns 0, or -1 for an unsupported isa / batch. */
+int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_t table_size, int64_t rows,
+                  int64_t cols, const uint16_t *planes, const int32_t *order, const uint8_t *widths,
+                  const float *codebooks, const int64_t *cb_offset, const int32_t *orow, const int32_t *ocol,
+                  const float *odelta, const float *bias, int isa, int nthreads) {
+    if (isa < 0) isa = cmpq_best_isa();
+    if (!cmpq_isa_supported(isa) || batch < 1 || batch > MAX_BATCH) return -1;
+    layer_t L;
+    make_layer(&L, rows, cols, planes, order, widths, codebooks, cb_offset, orow, ocol, odelta, bias);
+    build_tables(&L, x, batch, tables, table_size);
+    set_threads(nthreads);
+    /* chunks of 4 groups (64 rows) so the batch-1 AVX-512 path keeps its four accumulators */
+    const int64_t chunks = (L.groups + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t g0 = 4 * c, g1 = g0 + 4 < L.groups ? g0 + 4 : L.groups;
+#ifdef CMPQ_X86
+        if (isa == 2) gemv_avx512(&L, tables, table_size, batch, y, g0, g1);
+        else if (isa == 1) gemv_avx2(&L, tables, table_size, batch, y, g0, g1);
+        else
+#endif
+            gemv_portable(&L, tables, table_size, batch, y, g0, g1);
+        const int64_t r1 = g1 * GROUP < rows ? g1 * GROUP : rows;
+        add_outliers_and_bias(&L, x, batch, y, g0 * GROUP, r1);
+    }
+    return 0;
+}
+
+/* Wt (cols, rows): the dequantized weight, transposed, columns in stored order (outliers not applied). */
+int cmpq_dequant_t(float *Wt, int64_t rows, int64_t cols, const uint16_t *planes, const uint8_t *widths,
+                   const float *codebooks, const int64_t *cb_offset, int isa, int nthreads) {
+    if (isa < 0) isa = cmpq_best_isa();
+    if (!cmpq_isa_supported(isa)) return -1;
+    layer_t L;
+    make_layer(&L, rows, cols, planes, NULL, widths, codebooks, cb_offset, NULL, NULL, NULL, NULL);
+    set_threads(nthreads);
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < L.groups; ++g) {
+#ifdef CMPQ_X86
+        if (isa == 2) dequant_avx512(&L, Wt, g, g + 1);
+        else
+#endif
+            dequant_portable(&L, Wt, g, g + 1);
+    }
+    return 0;
+}

@@ -1,0 +1,141 @@
+"""ctypes bindings of the native LUT kernels (`lut_kernels.c`), and the per-layer data they read.
+
+The library is built by the package install (setup.py); when it is missing, `library()` returns None and warns
+once, and quantized layers use the PyTorch reference path. `CMPQ_KERNEL=reference|native|auto` forces a
+path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+MAX_BATCH = 8  # rows of x handled by the LUT-GEMV; larger batches dequantize and use a dense matmul
+_PAD = 16      # kernels load whole 16-float registers from tables and codebooks
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one warning) if they were not built."""
+    candidates = sorted(Path(__file__).parent.glob("_lut*.so")) + sorted(Path(__file__).parent.glob("_lut*.pyd"))
+    if not candidates:
+        warnings.warn("cmpq native kernels are not built (no C compiler with OpenMP at install time?); using the "
+                      "PyTorch reference path. Reinstall with a compiler to get them.", stacklevel=2)
+        return None
+    lib = ctypes.CDLL(str(candidates[0]))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.cmpq_lut_gemv.argtypes = [p, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32, i32]
+    lib.cmpq_lut_gemv.restype = i32
+    lib.cmpq_dequant_t.argtypes = [p, i64, i64, p, p, p, p, i32, i32]
+    lib.cmpq_dequant_t.restype = i32
+    lib.cmpq_isa_supported.argtypes = [i32]
+    lib.cmpq_isa_supported.restype = i32
+    lib.cmpq_best_isa.restype = i32
+    return lib
+
+
+def supported_isas() -> list[str]:
+    """Instruction sets the kernels can use on this CPU (empty if the library is missing)."""
+    lib = library()
+    return [name for name, code in ISAS.items() if lib is not None and lib.cmpq_isa_supported(code)]
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("CMPQ_KERNEL", "auto")
+    if mode not in ("auto", "native", "reference"):
+        raise ValueError(f"CMPQ_KERNEL must be auto, native or reference, not '{mode}'")
+    return mode
+
+
+def isa_code(isa: str | None = None) -> int:
+    """Code of the requested instruction set (-1 = the best available)."""
+    name = isa or os.environ.get("CMPQ_ISA", "auto")
+    if name == "auto":
+        return -1
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA '{name}'; choose from auto, {', '.join(ISAS)}")
+    if name not in supported_isas():
+        raise RuntimeError(f"ISA '{name}' is not supported on this CPU (supported: {supported_isas()})")
+    return ISAS[name]
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+@dataclass
+class PreparedLayer:
+    """What the kernels read for one layer, derived once from its packed tensors."""
+
+    rows: int
+    cols: int
+    planes: torch.Tensor       # (groups, words) uint16 (int16 storage)
+    order: torch.Tensor        # (cols,) int32
+    widths: torch.Tensor       # (cols,) uint8, stored order
+    codebooks: torch.Tensor    # flat float32, stored order, padded
+    cb_offset: torch.Tensor    # (cols,) int64
+    orow: torch.Tensor         # (rows + 1,) int32
+    ocol: torch.Tensor         # (nnz,) int32
+    odelta: torch.Tensor       # (nnz,) float32
+    outlier_values: torch.Tensor  # (nnz,) float32, for the dense path
+    outlier_rows: torch.Tensor    # (nnz,) int64
+    table_size: int
+
+    def gemv(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
+        """x (batch <= MAX_BATCH, cols) float32 contiguous -> (batch, rows)."""
+        lib = library()
+        batch = x.shape[0]
+        y = torch.empty(batch, self.rows)
+        tables = torch.empty(batch * self.table_size + _PAD)
+        status = lib.cmpq_lut_gemv(_ptr(x), batch, _ptr(y), _ptr(tables), self.table_size, self.rows, self.cols,
+                                   _ptr(self.planes), _ptr(self.order), _ptr(self.widths), _ptr(self.codebooks),
+                                   _ptr(self.cb_offset), _ptr(self.orow), _ptr(self.ocol), _ptr(self.odelta),
+                                   _ptr(bias), isa, threads)
+        if status != 0:
+            raise RuntimeError(f"cmpq_lut_gemv failed (isa {isa}, batch {batch})")
+        return y
+
+    def weight_t(self, isa: int = -1, threads: int = 0) -> torch.Tensor:
+        """The dequantized weight transposed, rows in stored column order (cols, rows), outliers applied."""
+        lib = library()
+        wt = torch.empty(self.cols, self.rows)
+        status = lib.cmpq_dequant_t(_ptr(wt), self.rows, self.cols, _ptr(self.planes), _ptr(self.widths),
+                                    _ptr(self.codebooks), _ptr(self.cb_offset), isa, threads)
+        if status != 0:
+            raise RuntimeError(f"cmpq_dequant_t failed (isa {isa})")
+        if self.outlier_values.numel():
+            inverse = torch.empty_like(self.order)
+            inverse[self.order.long()] = torch.arange(self.cols, dtype=torch.int32)
+            wt[inverse[self.ocol.long()].long(), self.outlier_rows] = self.outlier_values
+        return wt
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
+        """x (n, cols) -> (n, rows) through a dequantized tile and a dense matmul (prefill)."""
+        y = x[:, self.order.long()] @ self.weight_t(isa, threads)
+        return y if bias is None else y + bias
+
+
+def prepare(planes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entries: torch.Tensor,
+            rows: int, cols: int, outlier_rows: torch.Tensor, outlier_cols: torch.Tensor,
+            outlier_values: torch.Tensor, replaced: torch.Tensor) -> PreparedLayer:
+    """Kernel data from a layer's stored columns: `widths`/`entries` in stored order, `replaced` the codebook
+    values the outliers stand in for (so the kernel adds value - replaced)."""
+    sizes = 2 ** widths.long()
+    offsets = torch.cumsum(sizes, 0) - sizes
+    rowptr = torch.zeros(rows + 1, dtype=torch.int32)
+    rowptr[1:] = torch.cumsum(torch.bincount(outlier_rows, minlength=rows), 0).to(torch.int32)
+    values = outlier_values.float()
+    return PreparedLayer(
+        rows=rows, cols=cols, planes=planes.contiguous(), order=order.to(torch.int32).contiguous(),
+        widths=widths.to(torch.uint8).contiguous(),
+        codebooks=torch.cat([entries.float(), torch.zeros(_PAD)]).contiguous(),
+        cb_offset=offsets.to(torch.int64).contiguous(), orow=rowptr, ocol=outlier_cols.to(torch.int32).contiguous(),
+        odelta=(values - replaced.float()).contiguous(), outlier_values=values,
+        outlier_rows=outlier_rows.long(), table_size=int(sizes.sum()))

@@ -1,0 +1,78 @@
+"""Native LUT kernels against the PyTorch reference: every bit mix 1..8, odd shapes, with and without
+outliers, batch 1..64, every instruction set this CPU can run."""
+
+import pytest
+import torch
+
+from cmpq.kernels import native
+from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.quantizers.cmpq.quantizer import CMPQWeight
+
+ISAS = native.supported_isas()
+pytestmark = pytest.mark.skipif(not ISAS, reason="native kernels not built")
+
+
+def random_layer(rows, cols, widths, nnz, seed=0, codebook="fp16"):
+    g = torch.Generator().manual_seed(seed)
+    widths = torch.tensor(widths)[torch.randint(0, len(widths), (cols,), generator=g)].to(torch.uint8)
+    codebooks = torch.randn(cols, 256, generator=g).sort(dim=1).values.half().float()
+    grid = None
+    if codebook == "int8":
+        grid = (-2.0, 4.0 / 255)
+        codebooks = grid[0] + grid[1] * torch.randint(0, 256, (cols, 256), generator=g).sort(dim=1).values.float()
+    codes = torch.stack([torch.randint(0, 2 ** int(w), (rows,), generator=g) for w in widths], 1).to(torch.uint8)
+    flat = torch.randperm(rows * cols, generator=g)[:nnz].sort().values
+    return CMPQWeight(widths=widths, codes=codes, codebooks=codebooks, outlier_rows=flat // cols,
+                      outlier_cols=flat % cols, outlier_values=torch.randn(nnz, generator=g).half(),
+                      codebook_format=codebook, int8_grid=grid)
+
+
+MIXES = [[1], [2], [3], [4], [5], [6], [7], [8], [2, 3], [3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]
+SHAPES = [(37, 29), (16, 64), (100, 77), (203, 130)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "w" + "".join(map(str, m)))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_kernel_matches_reference(isa, mix, shape):
+    rows, cols = shape
+    layer = random_layer(rows, cols, mix, nnz=(rows * cols) // 50, seed=rows + len(mix))
+    module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
+    for batch in (1, 3, 8, 9, 64):
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        module.kernel = "reference"
+        expected = module(x)
+        module.kernel, module.isa = "native", isa
+        got = module(x)
+        scale = expected.abs().max().item() + 1.0
+        assert (got - expected).abs().max().item() <= 1e-5 * scale * cols ** 0.5, (isa, batch)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_without_outliers_int8_codebooks_and_3d_input(isa):
+    layer = random_layer(48, 40, [2, 3, 4], nnz=0, codebook="int8")
+    module = CMPQLinear.from_weight(layer)
+    x = torch.randn(2, 3, 40)
+    module.kernel = "reference"
+    expected = module(x)
+    module.kernel, module.isa = "native", isa
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_falls_back_to_reference_with_a_warning_when_the_kernels_are_missing(monkeypatch):
+    module = CMPQLinear.from_weight(random_layer(32, 24, [3], nnz=5))
+    x = torch.randn(1, 24)
+    expected = torch.nn.functional.linear(x, module.dequantize())
+    monkeypatch.setattr(native, "library", lambda: None)
+    torch.testing.assert_close(module(x), expected)  # auto: reference
+    module.kernel = "native"
+    with pytest.raises(RuntimeError, match="not built"):
+        module(x)
+
+
+def test_forcing_an_unknown_isa_is_an_error(monkeypatch):
+    monkeypatch.setenv("CMPQ_ISA", "sse9")
+    module = CMPQLinear.from_weight(random_layer(32, 24, [3], nnz=5))
+    module.kernel = "native"
+    with pytest.raises(ValueError, match="unknown ISA"):
+        module(torch.randn(1, 24))
