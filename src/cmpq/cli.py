@@ -150,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = greedy (default); > 0 samples with this temperature")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
+                       description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
+                                   "medians of repeats; results as JSON lines + Markdown in --out.")
+    b.add_argument("what", choices=("kernels",), help="kernels: LUT kernels vs F.linear fp32/bf16 on the smollm2 "
+                                                      "and LLaMA-7B layer shapes at 2.5/3/4 bits, batch 1/4/16/128")
+    b.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
+    b.add_argument("--shapes", choices=("all", "smollm2", "llama7b"), default="all",
+                   help="which layer shapes (default: %(default)s)")
+    b.add_argument("--batches", type=_int_list, default=(1, 4, 16, 128), metavar="N1,N2,...",
+                   help="token batch sizes (default: 1,4,16,128)")
+    b.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per cell (default: %(default)s)")
+    b.add_argument("--threads", type=_positive_int, help="torch and kernel threads (default: torch's choice)")
+    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     i = sub.add_parser("inspect", help="per-layer bit-widths, outliers and bpw of a quantization result",
                        description="Show per layer the histogram of bit-widths, outlier counts and honest bpw with "
                                    "its breakdown, and write a PNG heatmap (layers x bit-widths).")
@@ -204,6 +217,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     workflow.set_threads(args.threads)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "bench":
+        return _bench(args)
     progress = not args.no_progress
     if args.json:
         check_writable(args.json)
@@ -251,6 +266,16 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[{result.new_tokens} tokens in {result.decode_seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
           f"decode, prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s]", file=sys.stderr)
     return {"text": result.text, "tokens_per_second": result.tokens_per_second}
+
+
+def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from cmpq.bench import kernels
+
+    shapes = {"smollm2": kernels.SMOLLM2_SHAPES, "llama7b": kernels.LLAMA7B_SHAPES,
+              "all": kernels.SMOLLM2_SHAPES + kernels.LLAMA7B_SHAPES}[args.shapes]
+    records = kernels.run(args.out, shapes, kernels.BITS, tuple(args.batches), args.repeats, not args.no_progress)
+    print((Path(args.out) / "kernels.md").read_text(encoding="utf-8"))
+    return {"records": records}
 
 
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""`cmpq bench kernels`: our LUT kernels against torch's F.linear (float32 and bfloat16) on the same shapes,
+in the same process, with a memory-copy bandwidth measured in the same run (PROTOCOL's "Speed").
+
+Layers are random CMPQ layers in the packed format at 2.5 / 3 / 4 code bits per weight (2.5: half the columns
+at 2 bits, half at 3), with 0.5% FP16 outliers as CMPQ's defaults store. Times are medians over repeats after
+a warm-up; the achieved weight bandwidth counts every byte the kernel reads for the weights (bit planes,
+codebooks, outliers).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.quantizers.cmpq.quantizer import CMPQWeight
+
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+BITS = (2.5, 3.0, 4.0)
+BATCHES = (1, 4, 16, 128)
+OUTLIER_RATIO = 0.005
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, min_seconds: float = 0.05) -> float:
+    """Median wall time of `fn` over `repeats` timed runs (each run loops until `min_seconds` have passed
+    when the call is short), after one warm-up call."""
+    fn()
+    start, loops = time.perf_counter(), 0
+    while time.perf_counter() - start < min_seconds or loops == 0:
+        fn()
+        loops += 1
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        samples.append((time.perf_counter() - start) / loops)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write counted), the machine's practical limit."""
+    source = torch.empty(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    seconds = median_seconds(lambda: target.copy_(source), repeats)
+    return 2 * source.numel() * 4 / seconds
+
+
+def random_cmpq_layer(rows: int, cols: int, bits: float, seed: int = 0) -> CMPQWeight:
+    """A packed-format CMPQ layer at `bits` code bits per weight (integer or halfway between two integers)."""
+    g = torch.Generator().manual_seed(seed)
+    low = int(bits)
+    widths = torch.full((cols,), low, dtype=torch.uint8)
+    if bits > low:
+        widths[torch.randperm(cols, generator=g)[: round((bits - low) * cols)]] = low + 1
+    codebooks = torch.randn(cols, 2 ** int(widths.max()), generator=g).sort(dim=1).values.half().float() * 0.05
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    for width in torch.unique(widths).tolist():
+        columns = widths == width
+        codes[:, columns] = torch.randint(0, 2**width, (rows, int(columns.sum())), generator=g, dtype=torch.uint8)
+    nnz = round(OUTLIER_RATIO * rows * cols)
+    flat = torch.randperm(rows * cols, generator=g)[:nnz].sort().values
+    return CMPQWeight(widths=widths, codes=codes, codebooks=codebooks, outlier_rows=flat // cols,
+                      outlier_cols=flat % cols, outlier_values=(torch.randn(nnz, generator=g) * 0.2).half(),
+                      codebook_format="fp16")
+
+
+@dataclass
+class KernelResult:
+    shape: tuple[int, int]
+    bits: float
+    batch: int
+    ours_s: float
+    fp32_s: float
+    bf16_s: float
+    weight_bytes: int
+
+    def as_dict(self) -> dict:
+        return {"rows": self.shape[0], "cols": self.shape[1], "bits": self.bits, "batch": self.batch,
+                "ours_ms": self.ours_s * 1e3, "fp32_ms": self.fp32_s * 1e3, "bf16_ms": self.bf16_s * 1e3,
+                "speedup_vs_fp32": self.fp32_s / self.ours_s, "speedup_vs_bf16": self.bf16_s / self.ours_s,
+                "weight_bytes": self.weight_bytes, "weight_gbps": self.weight_bytes / self.ours_s / 1e9}
+
+
+def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repeats: int) -> list[KernelResult]:
+    rows, cols = shape
+    module = CMPQLinear.from_weight(random_cmpq_layer(rows, cols, bits))
+    module.kernel = "native"
+    weight_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
+    dense = torch.randn(rows, cols) * 0.05
+    dense_bf16 = dense.bfloat16()
+    results = []
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.randn(batch, cols)
+            x_bf16 = x.bfloat16()
+            results.append(KernelResult(
+                shape=shape, bits=bits, batch=batch, weight_bytes=weight_bytes,
+                ours_s=median_seconds(lambda: module(x), repeats),
+                fp32_s=median_seconds(lambda: F.linear(x, dense), repeats),
+                bf16_s=median_seconds(lambda: F.linear(x_bf16, dense_bf16), repeats)))
+    return results
+
+
+def render(records: list[dict], copy_gbps: float, threads: int, isa: str) -> str:
+    lines = [f"Kernel vs torch F.linear on the same shapes, same process; median of repeats; {threads} threads; "
+             f"ISA {isa}; memory copy bandwidth measured in the same run: {copy_gbps:.1f} GB/s.", "",
+             "| shape (out x in) | bits | batch | ours ms | fp32 ms | bf16 ms | x fp32 | x bf16 | weight GB/s | % copy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['rows']}x{r['cols']} | {r['bits']:g} | {r['batch']} | {r['ours_ms']:.3f} | "
+                     f"{r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | {r['speedup_vs_fp32']:.2f} | "
+                     f"{r['speedup_vs_bf16']:.2f} | {r['weight_gbps']:.1f} | "
+                     f"{100 * r['weight_gbps'] / copy_gbps:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def run(out_dir, shapes: list[tuple[int, int]], bits: tuple[float, ...], batches: tuple[int, ...],
+        repeats: int = 7, progress: bool = True) -> list[dict]:
+    """Measure every (shape, bits, batch), write `kernels.jsonl` (replaced) and `kernels.md` in `out_dir`."""
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from cmpq.eval.records import environment
+    from cmpq.kernels import native
+
+    if not native.supported_isas():
+        raise RuntimeError("the native kernels are not built: nothing to benchmark")
+    isa = native.supported_isas()[-1] if native.kernel_mode() == "auto" else native.kernel_mode()
+    copy_gbps = copy_bandwidth() / 1e9
+    env = environment()
+    records = []
+    for shape in tqdm(shapes, desc="bench kernels", unit="shape", disable=not progress):
+        for b in bits:
+            for result in measure(shape, b, batches, repeats):
+                records.append({"benchmark": "kernels", **result.as_dict(), "copy_gbps": copy_gbps,
+                                "isa": isa, **env})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl, md = out / "kernels.jsonl", out / "kernels.md"
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(jsonl)
+    md.write_text(render(records, copy_gbps, env["threads"], isa), encoding="utf-8")
+    return records
