@@ -143,3 +143,15 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err  # refused before loading or quantizing anything
     assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
     assert "tokens/s" in capsys.readouterr().err
+
+
+def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path):
+    from cmpq.bench.decode import run
+    from cmpq.models.tiny import save_tiny
+
+    source = save_tiny(tmp_path / "tiny", "llama")
+    _, _, directory = quantized
+    records = run([str(source), str(directory)], tmp_path / "out", new_tokens=6, repeats=2)
+    assert [r["speedup"] for r in records][0] == 1.0 and records[1]["tokens_per_second"] > 0
+    assert records[1]["bpw"] is not None and records[1]["profile"]
+    assert "tokens/s" in (tmp_path / "out" / "decode.md").read_text()

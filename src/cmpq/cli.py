@@ -153,8 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
                        description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
                                    "medians of repeats; results as JSON lines + Markdown in --out.")
-    b.add_argument("what", choices=("kernels",), help="kernels: LUT kernels vs F.linear fp32/bf16 on the smollm2 "
-                                                      "and LLaMA-7B layer shapes at 2.5/3/4 bits, batch 1/4/16/128")
+    b.add_argument("what", choices=("kernels", "decode"),
+                   help="kernels: LUT kernels vs F.linear fp32/bf16 on the smollm2 and LLaMA-7B layer shapes at "
+                        "2.5/3/4 bits, batch 1/4/16/128; decode: tokens/s of --models with the same generation loop")
+    b.add_argument("--models", default="smollm2-135m", metavar="M1,M2,...",
+                   help="decode: models to compare, the first being the reference (default: %(default)s; add "
+                        "directories saved by `cmpq quantize --out`)")
+    b.add_argument("--new-tokens", type=_positive_int, default=64, help="decode: tokens per generation "
+                                                                         "(default: %(default)s)")
     b.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
     b.add_argument("--shapes", choices=("all", "smollm2", "llama7b"), default="all",
                    help="which layer shapes (default: %(default)s)")
@@ -269,8 +275,13 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    from cmpq.bench import kernels
+    from cmpq.bench import decode, kernels
 
+    if args.what == "decode":
+        records = decode.run([m.strip() for m in args.models.split(",") if m.strip()], args.out, args.new_tokens,
+                             args.repeats)
+        print((Path(args.out) / "decode.md").read_text(encoding="utf-8"))
+        return {"records": records}
     shapes = {"smollm2": kernels.SMOLLM2_SHAPES, "llama7b": kernels.LLAMA7B_SHAPES,
               "all": kernels.SMOLLM2_SHAPES + kernels.LLAMA7B_SHAPES}[args.shapes]
     records = kernels.run(args.out, shapes, kernels.BITS, tuple(args.batches), args.repeats, not args.no_progress)

@@ -1,0 +1,74 @@
+"""`cmpq bench decode`: end-to-end decode tokens/s of packed models against the float model, with the same
+generation loop (`cmpq.generate.generate_ids`: static KV cache, greedy) and the same prompt, in one process,
+plus a profile of one decode step saying where the time goes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from cmpq.generate import generate_ids
+from cmpq.models.load import LoadedModel, load_model
+
+PROMPT = "The history of the city begins with"
+
+
+def decode_speed(loaded: LoadedModel, new_tokens: int, repeats: int) -> dict:
+    """Median decode tokens/s over `repeats` generations of `new_tokens` (after one warm-up)."""
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    generate_ids(loaded.model, ids, 4)
+    speeds, prefill = [], []
+    for _ in range(repeats):
+        tokens, prefill_s, decode_s = generate_ids(loaded.model, ids, new_tokens)
+        speeds.append((tokens.numel() - 1) / decode_s)
+        prefill.append(prefill_s)
+    text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    return {"tokens_per_second": statistics.median(speeds), "prefill_seconds": statistics.median(prefill),
+            "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "text": text}
+
+
+def profile_step(loaded: LoadedModel, top: int = 8) -> list[dict]:
+    """Self time per operator over 8 decode steps (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("decode"):
+            generate_ids(loaded.model, ids, 9)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}
+            for e in events[:top]]
+
+
+def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: int = 5) -> list[dict]:
+    """Decode speed of each model (the first is the reference the others are compared with)."""
+    from cmpq.eval.records import environment
+
+    records = []
+    for spec in models:
+        loaded = load_model(spec)
+        quant = getattr(loaded.model.config, "quantization_config", None)
+        record = {"benchmark": "decode", "model": spec, **decode_speed(loaded, new_tokens, repeats),
+                  "bpw": (quant or {}).get("bpw") if isinstance(quant, dict) else getattr(quant, "bpw", None),
+                  "profile": profile_step(loaded), **environment()}
+        records.append(record)
+        del loaded
+    reference = records[0]["tokens_per_second"]
+    for record in records:
+        record["speedup"] = record["tokens_per_second"] / reference
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    lines = [f"Decode, same loop (static KV cache, greedy), prompt {records[0]['prompt_tokens']} tokens, "
+             f"{new_tokens} new tokens, median of {repeats}; {records[0]['threads']} threads.", "",
+             "| model | bpw | tokens/s | x first | top ops (share of self time) |", "|---|---|---|---|---|"]
+    for r in records:
+        ops = ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in r["profile"][:4])
+        bpw = "-" if r["bpw"] is None else f"{r['bpw']:.3f}"
+        lines.append(f"| {r['model']} | {bpw} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f} | {ops} |")
+    (out / "decode.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return records
+
