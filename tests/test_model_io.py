@@ -155,3 +155,22 @@ def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path
     assert [r["speedup"] for r in records][0] == 1.0 and records[1]["tokens_per_second"] > 0
     assert records[1]["bpw"] is not None and records[1]["profile"]
     assert "tokens/s" in (tmp_path / "out" / "decode.md").read_text()
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_rtn_models_save_and_load_through_the_same_format(tmp_path, group_size):
+    from cmpq.packed.uniform_layer import UniformLinear
+
+    model = tiny_model("llama", seed=0)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), arch=find_arch(model), spec="tiny", source="tiny")
+    quantizer = get_quantizer("rtn", bits=3, group_size=group_size)
+    result = quantize_model(model, loaded.arch, quantizer, None, progress=False)
+    directory = save_quantized(loaded, result, quantizer, tmp_path / "rtn")
+    reloaded = load(directory)
+    for name, qw in result.layers.items():
+        module = reloaded.model.get_submodule(name)
+        assert isinstance(module, UniformLinear) and torch.equal(module.dequantize(), qw.dequantize())
+    size = (directory / WEIGHTS).stat().st_size
+    unquantized = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
+                      if n.rpartition(".")[0] not in result.layers and n != "lm_head.weight")
+    assert abs(size - unquantized - result.storage().total / 8) <= 0.01 * result.storage().total / 8 + 16_384

@@ -1,7 +1,7 @@
 """Hugging Face integration: `quant_method: "cmpq"` in a config.json, understood by transformers.
 
 After `import cmpq` (see `cmpq/__init__.py`), `AutoModelForCausalLM.from_pretrained(dir)` on a directory saved by
-`cmpq.packed.model_io.save_quantized` replaces each quantized nn.Linear by a `CMPQLinear` before the weights
+`cmpq.packed.model_io.save_quantized` replaces each quantized nn.Linear by a `CMPQLinear` (or `UniformLinear` for RTN) before the weights
 load (shapes read from the safetensors headers), lets transformers fill its buffers with the stored tensors
 as they are, and validates every layer afterwards, so a corrupt file is a `FormatError` naming the layer.
 """
@@ -18,11 +18,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from cmpq.errors import FormatError
 from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.packed.uniform_layer import TENSORS as UNIFORM_TENSORS
+from cmpq.packed.uniform_layer import UniformLinear
 
 QUANT_METHOD = "cmpq"
 FORMAT_VERSION = 1
 LAYER_TENSORS = ("levels", "width_map", "codes", "codebooks", "grid", "outlier_values", "outlier_cols",
-                 "outlier_rowptr")
+                 "outlier_rowptr", *UNIFORM_TENSORS)
+QUANTIZED_MODULES = (CMPQLinear, UniformLinear)
 _DTYPES = {"U8": torch.uint8, "U16": torch.uint16, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
            "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -60,15 +63,27 @@ def checkpoint_layout(files: list[str]) -> dict[str, tuple[tuple[int, ...], torc
     return layout
 
 
+def empty_layer(method: str, options: dict, linear: nn.Module, tensors: dict[str, torch.Tensor],
+                bias: torch.Tensor | None, where: str) -> nn.Module:
+    """The quantized module class of `method`, with placeholder buffers the loader fills."""
+    if method == "cmpq":
+        return CMPQLinear(linear.in_features, linear.out_features, tensors, bias)
+    if method == "rtn":
+        group = options.get("group_size") or linear.in_features
+        return UniformLinear(linear.in_features, linear.out_features, tensors, int(options["bits"]),
+                             min(int(group), linear.in_features), bias)
+    raise FormatError(f"{where}: layers of method '{method}' cannot be loaded by this cmpq")
+
+
 def replace_linears(model: nn.Module, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], layers: list[str],
-                    where: str) -> None:
-    """Put an empty `CMPQLinear` (buffers shaped as in the file) in place of every listed nn.Linear."""
+                    where: str, method: str = "cmpq", options: dict | None = None) -> None:
+    """Put an empty quantized module (buffers shaped as in the file) in place of every listed nn.Linear."""
     for name in layers:
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise FormatError(f"{where}: quantized layer '{name}' does not exist in this model") from None
-        if not isinstance(linear, (nn.Linear, CMPQLinear)):
+        if not isinstance(linear, (nn.Linear, *QUANTIZED_MODULES)):
             raise FormatError(f"{where}: '{name}' is a {type(linear).__name__}, not a linear layer")
         present = {t: layout[f"{name}.{t}"] for t in LAYER_TENSORS if f"{name}.{t}" in layout}
         if "codes" not in present:
@@ -77,7 +92,7 @@ def replace_linears(model: nn.Module, layout: dict[str, tuple[tuple[int, ...], t
         bias = torch.empty(linear.out_features) if linear.bias is not None else None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                CMPQLinear(linear.in_features, linear.out_features, tensors, bias))
+                empty_layer(method, options or {}, linear, tensors, bias, where))
 
 
 def check_config(config: Any, where: str) -> None:
@@ -104,16 +119,17 @@ class CmpqHfQuantizer(HfQuantizer):
                                              **kwargs: Any) -> nn.Module:
         files = list(checkpoint_files or [])
         where = files[0] if files else "checkpoint"
-        replace_linears(model, checkpoint_layout(files), list(self.quantization_config.layers), where)
+        config = self.quantization_config
+        replace_linears(model, checkpoint_layout(files), list(config.layers), where, config.method, config.config)
         return model
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         module, _, tensor = param_name.rpartition(".")
-        return tensor in LAYER_TENSORS and isinstance(model.get_submodule(module), CMPQLinear)
+        return tensor in LAYER_TENSORS and isinstance(model.get_submodule(module), QUANTIZED_MODULES)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for name, module in model.named_modules():
-            if isinstance(module, CMPQLinear):
+            if isinstance(module, QUANTIZED_MODULES):
                 module.quantized_weight(where=name)  # raises FormatError on any inconsistency
         return model
 

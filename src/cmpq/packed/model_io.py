@@ -29,7 +29,9 @@ from cmpq.packed.cmpq_layer import pack_cmpq
 from cmpq.packed.hf import FORMAT_VERSION, QUANT_METHOD, CmpqHfConfig, check_config
 from cmpq.pipeline import QuantizationResult
 from cmpq.quantizers.base import Quantizer
+from cmpq.packed.uniform_layer import pack_uniform
 from cmpq.quantizers.cmpq.quantizer import CMPQWeight
+from cmpq.quantizers.rtn import UniformQuantizedWeight
 
 WEIGHTS = "model.safetensors"
 
@@ -66,9 +68,13 @@ def packed_state(loaded: LoadedModel, result: QuantizationResult) -> dict[str, t
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().contiguous()
     for name, qw in result.layers.items():
-        if not isinstance(qw, CMPQWeight):
-            raise CmpqError(f"saving {result.method} layers is not supported yet (only cmpq)")
-        for tensor_name, tensor in pack_cmpq(qw).items():
+        if isinstance(qw, CMPQWeight):
+            packed = pack_cmpq(qw)
+        elif isinstance(qw, UniformQuantizedWeight):
+            packed = pack_uniform(qw)
+        else:
+            raise CmpqError(f"saving {result.method} layers ({type(qw).__name__}) is not supported")
+        for tensor_name, tensor in packed.items():
             state[f"{name}.{tensor_name}"] = tensor
     return state
 
