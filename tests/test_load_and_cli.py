@@ -66,7 +66,10 @@ def test_cli_quantize_writes_a_protocol_record(tiny_dir, tmp_path, monkeypatch, 
     assert record["quantized_layers"] == 2 * 7
     assert record["target_bits"] is None and record["config"]["bits"] == 3  # RTN's bits are a code width
     assert record["budget_met"] is None
-    assert record["bpw"] == pytest.approx(3 + 19 / 16)
+    # 3-bit codes in whole 16-row groups (k/v have 24 rows: 32 stored) + FP16 scale and 3-bit zero per 16 columns
+    shapes = [(48, 48), (24, 48), (24, 48), (48, 48), (80, 48), (80, 48), (48, 80)]
+    stored = sum(-(-rows // 16) * 16 * cols * 3 + rows * (cols // 16) * 19 for rows, cols in shapes)
+    assert record["bpw"] == pytest.approx(stored / sum(rows * cols for rows, cols in shapes))
     assert read_records(out) == [json.loads(json.dumps(record))]
     run(["quantize", "--model", str(tiny_dir), "--method", "rtn", "--bits", "2", "--eval", "none", "--json", str(out),
          "--no-progress"])

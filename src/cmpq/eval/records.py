@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -75,6 +76,16 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
     new line, never a half-written line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # one writer at a time (benchmark workers may share a results file): a lock on the directory itself
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        _append_locked(path, record)
+    finally:
+        os.close(directory)
+
+
+def _append_locked(path: Path, record: dict[str, Any]) -> None:
     existing = path.read_bytes() if path.exists() else b""
     if existing and not existing.endswith(b"\n"):
         existing += b"\n"
