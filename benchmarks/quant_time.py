@@ -1,7 +1,8 @@
 """Quantization time and peak memory of CMPQ on smollm2-135m, quick (32 x 512) and default (128 x 2048)
 calibration. Each run is its own `cmpq quantize --eval none` process, so peak RSS is that run's alone.
 
-Writes benchmarks/results/quant_time.jsonl (replaced) and quant_time.md.
+Writes benchmarks/results/quant_time.jsonl (a run replaces the stored record of the same setting and
+calibration; others are kept) and quant_time.md.
 """
 
 from __future__ import annotations
@@ -62,16 +63,20 @@ def main() -> None:
         record["setting"], record["calibration_protocol"] = setting, calib
         records.append(record)
     jsonl = RESULTS / "quant_time.jsonl"
+    done = {(r["setting"], r["calibration_protocol"]) for r in records}
+    kept = [r for r in (read_records(jsonl) if jsonl.exists() else [])
+            if (r.get("setting"), r.get("calibration_protocol")) not in done]
+    records = kept + records
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     lines = [f"CMPQ quantization of smollm2-135m at {args.bits} bpw (no evaluation), one process per run.", "",
-             "| setting | calibration | forwards | quant s | peak RSS MB | honest bpw | threads |",
-             "|---|---|---|---|---|---|---|"]
+             "| setting | calibration | forwards | quant s | peak RSS MB | honest bpw | threads | commit |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["calibration"]
         lines.append(f"| {r['setting']} | {r['calibration_protocol']} ({c['nsamples']} x {c['seqlen']}) | "
                      f"{c.get('resolved_dtype', 'float32')} | {r['quant_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['bpw']:.3f} | {r['threads']} |")
-    lines += ["", f"Commit {records[-1]['git_commit']}. Command: `python benchmarks/quant_time.py`."]
+                     f"{r['bpw']:.3f} | {r['threads']} | {str(r['git_commit'])[:12]} |")
+    lines += ["", "Command: `python benchmarks/quant_time.py` (`--runs SETTING:CALIBRATION,...` re-measures some)."]
     (RESULTS / "quant_time.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
