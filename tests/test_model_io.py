@@ -174,3 +174,10 @@ def test_rtn_models_save_and_load_through_the_same_format(tmp_path, group_size):
     unquantized = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
                       if n.rpartition(".")[0] not in result.layers and n != "lm_head.weight")
     assert abs(size - unquantized - result.storage().total / 8) <= 0.01 * result.storage().total / 8 + 16_384
+
+
+def test_generation_needs_at_least_one_new_token(quantized):
+    from cmpq.generate import generate_ids
+
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_ids(quantized[0].model, torch.tensor([[5, 6]]), 0)

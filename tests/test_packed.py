@@ -89,3 +89,27 @@ def test_corrupt_layers_fail_with_a_clear_message(name, make, message):
         unpack_cmpq(corrupt(tensors, name, make(tensors)), 40, 56, where="blocks.0.q")
     with pytest.raises(FormatError, match="missing tensors"):
         unpack_cmpq({k: v for k, v in tensors.items() if k != name}, 40, 56)
+
+
+def test_codes_of_another_dtype_and_duplicate_outliers_are_refused():
+    tensors = dict(CMPQLinear.from_weight(quantized_layer(act=0.01)).named_buffers())
+    with pytest.raises(FormatError, match="16-bit bit planes"):
+        unpack_cmpq({**tensors, "codes": tensors["codes"].view(torch.uint8)}, 40, 56)
+    cols = tensors["outlier_cols"].clone()
+    rowptr = tensors["outlier_rowptr"].long()
+    row = int(torch.nonzero(rowptr[1:] - rowptr[:-1] >= 2)[0])  # a row with two outliers
+    cols[int(rowptr[row]) + 1] = cols[int(rowptr[row])]
+    with pytest.raises(FormatError, match="strictly increasing"):
+        unpack_cmpq({**tensors, "outlier_cols": cols}, 40, 56)
+
+
+def test_dtype_casts_leave_the_packed_tensors_alone_and_empty_inputs_work():
+    qw = quantized_layer(act=0.01)
+    module = CMPQLinear.from_weight(qw, torch.randn(40))
+    before = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    module.to(torch.bfloat16)
+    for name, buffer in module.named_buffers():
+        assert buffer.dtype == before[name].dtype and torch.equal(buffer, before[name]), name
+    assert torch.equal(module.dequantize(), qw.dequantize())
+    assert module.bias.dtype == torch.bfloat16
+    assert module(torch.randn(0, 56, dtype=torch.bfloat16)).shape == (0, 40)

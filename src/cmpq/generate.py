@@ -41,6 +41,8 @@ def generate_ids(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
     """(new token ids (n,), prefill seconds, decode seconds) for prompt `ids` (1, t)."""
     from transformers import StaticCache
 
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
     generator = torch.Generator().manual_seed(seed)

@@ -59,7 +59,7 @@ def random_cmpq_layer(rows: int, cols: int, bits: float, seed: int = 0) -> CMPQW
     widths = torch.full((cols,), low, dtype=torch.uint8)
     if bits > low:
         widths[torch.randperm(cols, generator=g)[: round((bits - low) * cols)]] = low + 1
-    codebooks = torch.randn(cols, 2 ** int(widths.max()), generator=g).sort(dim=1).values.half().float() * 0.05
+    codebooks = (torch.randn(cols, 2 ** int(widths.max()), generator=g).sort(dim=1).values * 0.05).half().float()
     codes = torch.empty(rows, cols, dtype=torch.uint8)
     for width in torch.unique(widths).tolist():
         columns = widths == width
@@ -134,7 +134,8 @@ def run(out_dir, shapes: list[tuple[int, int]], bits: tuple[float, ...], batches
 
     if not native.supported_isas():
         raise RuntimeError("the native kernels are not built: nothing to benchmark")
-    isa = native.supported_isas()[-1] if native.kernel_mode() == "auto" else native.kernel_mode()
+    code = native.isa_code()
+    isa = native.supported_isas()[-1] if code < 0 else next(n for n, c in native.ISAS.items() if c == code)
     copy_gbps = copy_bandwidth() / 1e9
     env = environment()
     records = []

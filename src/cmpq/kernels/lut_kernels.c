@@ -307,11 +307,13 @@ static void make_layer(layer_t *L, int64_t rows, int64_t cols, const uint16_t *p
     L->orow = orow; L->ocol = ocol; L->odelta = odelta; L->bias = bias;
 }
 
-static void set_threads(int nthreads) {
+/* threads for one call (0: the OpenMP default), without changing the runtime's setting for later calls */
+static int threads_for(int nthreads) {
 #ifdef _OPENMP
-    if (nthreads > 0) omp_set_num_threads(nthreads);
+    return nthreads > 0 ? nthreads : omp_get_max_threads();
 #else
     (void)nthreads;
+    return 1;
 #endif
 }
 
@@ -326,10 +328,11 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
     layer_t L;
     make_layer(&L, rows, cols, planes, order, widths, codebooks, cb_offset, orow, ocol, odelta, bias);
     build_tables(&L, x, batch, tables, table_size);
-    set_threads(nthreads);
+    const int threads = threads_for(nthreads);
+    (void)threads;
     /* chunks of 4 groups (64 rows) so the batch-1 AVX-512 path keeps its four accumulators */
     const int64_t chunks = (L.groups + 3) / 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t g0 = 4 * c, g1 = g0 + 4 < L.groups ? g0 + 4 : L.groups;
 #ifdef CMPQ_X86
@@ -351,8 +354,9 @@ int cmpq_dequant_t(float *Wt, int64_t rows, int64_t cols, const uint16_t *planes
     if (!cmpq_isa_supported(isa)) return -1;
     layer_t L;
     make_layer(&L, rows, cols, planes, NULL, widths, codebooks, cb_offset, NULL, NULL, NULL, NULL);
-    set_threads(nthreads);
-#pragma omp parallel for schedule(static)
+    const int threads = threads_for(nthreads);
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < L.groups; ++g) {
 #ifdef CMPQ_X86
         if (isa == 2) dequant_avx512(&L, Wt, g, g + 1);

@@ -92,8 +92,8 @@ class PreparedLayer:
         """x (batch <= MAX_BATCH, cols) float32 contiguous -> (batch, rows)."""
         lib = library()
         batch = x.shape[0]
-        y = torch.empty(batch, self.rows)
-        tables = torch.empty(batch * self.table_size + _PAD)
+        y = torch.empty(batch, self.rows, dtype=torch.float32)
+        tables = torch.empty(batch * self.table_size + _PAD, dtype=torch.float32)
         status = lib.cmpq_lut_gemv(_ptr(x), batch, _ptr(y), _ptr(tables), self.table_size, self.rows, self.cols,
                                    _ptr(self.planes), _ptr(self.order), _ptr(self.widths), _ptr(self.codebooks),
                                    _ptr(self.cb_offset), _ptr(self.orow), _ptr(self.ocol), _ptr(self.odelta),
@@ -105,7 +105,7 @@ class PreparedLayer:
     def weight_t(self, isa: int = -1, threads: int = 0) -> torch.Tensor:
         """The dequantized weight transposed, rows in stored column order (cols, rows), outliers applied."""
         lib = library()
-        wt = torch.empty(self.cols, self.rows)
+        wt = torch.empty(self.cols, self.rows, dtype=torch.float32)
         status = lib.cmpq_dequant_t(_ptr(wt), self.rows, self.cols, _ptr(self.planes), _ptr(self.widths),
                                     _ptr(self.codebooks), _ptr(self.cb_offset), isa, threads)
         if status != 0:
@@ -127,6 +127,8 @@ def prepare(planes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, ent
             outlier_values: torch.Tensor, replaced: torch.Tensor) -> PreparedLayer:
     """Kernel data from a layer's stored columns: `widths`/`entries` in stored order, `replaced` the codebook
     values the outliers stand in for (so the kernel adds value - replaced)."""
+    if planes.element_size() != 2 or planes.dim() != 2 or planes.shape[1] != int(widths.long().sum()):
+        raise ValueError(f"bit planes must be 16-bit (groups, sum of widths), got {planes.dtype} {tuple(planes.shape)}")
     sizes = 2 ** widths.long()
     offsets = torch.cumsum(sizes, 0) - sizes
     rowptr = torch.zeros(rows + 1, dtype=torch.int32)
@@ -135,7 +137,7 @@ def prepare(planes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, ent
     return PreparedLayer(
         rows=rows, cols=cols, planes=planes.contiguous(), order=order.to(torch.int32).contiguous(),
         widths=widths.to(torch.uint8).contiguous(),
-        codebooks=torch.cat([entries.float(), torch.zeros(_PAD)]).contiguous(),
+        codebooks=torch.cat([entries.float(), torch.zeros(_PAD, dtype=torch.float32)]).contiguous(),
         cb_offset=offsets.to(torch.int64).contiguous(), orow=rowptr, ocol=outlier_cols.to(torch.int32).contiguous(),
         odelta=(values - replaced.float()).contiguous(), outlier_values=values,
         outlier_rows=outlier_rows.long(), table_size=int(sizes.sum()))

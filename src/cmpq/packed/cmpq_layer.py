@@ -44,6 +44,8 @@ def pack_cmpq(qw: CMPQWeight) -> dict[str, torch.Tensor]:
     rows, columns = qw.shape
     widths = qw.widths.long()
     levels = torch.unique(widths)
+    by_position = torch.argsort(qw.outlier_rows * columns + qw.outlier_cols)  # CSR order: by row, then column
+    outlier_rows, outlier_cols = qw.outlier_rows[by_position], qw.outlier_cols[by_position]
     order = stored_order(widths)
     stored_widths = widths[order]
     entries = torch.cat([qw.codebooks[j, : 2 ** int(widths[j])] for j in order.tolist()])
@@ -60,9 +62,9 @@ def pack_cmpq(qw: CMPQWeight) -> dict[str, torch.Tensor]:
         tensors["codebooks"] = entries.half()
     nnz = qw.outlier_values.numel()
     rowptr = torch.zeros(rows + 1, dtype=torch.long)
-    rowptr[1:] = torch.cumsum(torch.bincount(qw.outlier_rows, minlength=rows), 0)
-    tensors["outlier_values"] = qw.outlier_values.half()
-    tensors["outlier_cols"] = qw.outlier_cols.to(INDEX_DTYPES[index_bits(max(columns - 1, 0))])
+    rowptr[1:] = torch.cumsum(torch.bincount(outlier_rows, minlength=rows), 0)
+    tensors["outlier_values"] = qw.outlier_values.half()[by_position]
+    tensors["outlier_cols"] = outlier_cols.to(INDEX_DTYPES[index_bits(max(columns - 1, 0))])
     # no outliers: no row pointer either (the accounting counts none)
     tensors["outlier_rowptr"] = rowptr.to(INDEX_DTYPES[index_bits(nnz)]) if nnz else torch.zeros(0, dtype=torch.uint8)
     return tensors
@@ -91,6 +93,9 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
     _check(bool((index < levels.numel()).all()), where, "width_map points past the width levels")
     widths = levels[index]
     order = stored_order(widths)
+    _check(tensors["codes"].dtype in (torch.uint16, torch.int16) and tensors["codes"].dim() == 2, where,
+           f"codes must be 16-bit bit planes (groups, words), got {tensors['codes'].dtype} "
+           f"{tuple(tensors['codes'].shape)}")
     try:
         stored_codes = unpack_planes(tensors["codes"].view(torch.uint16) if tensors["codes"].dtype == torch.int16
                                      else tensors["codes"], widths[order], out_features)
@@ -127,6 +132,9 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
     _check(cols.numel() == values.numel() and bool((cols >= 0).all()) and bool((cols < in_features).all()), where,
            "outlier_cols do not match the values or point outside the layer")
     rows = torch.repeat_interleave(torch.arange(out_features), rowptr[1:] - rowptr[:-1])
+    same_row = rows[1:] == rows[:-1]
+    _check(bool((cols[1:][same_row] > cols[:-1][same_row]).all()), where,
+           "outlier_cols are not strictly increasing within a row (duplicates or unsorted)")
     return CMPQWeight(widths=widths.to(torch.uint8), codes=codes, codebooks=codebooks, outlier_rows=rows,
                       outlier_cols=cols, outlier_values=values, codebook_format=codebook_format, int8_grid=grid)
 
@@ -148,6 +156,22 @@ class CMPQLinear(nn.Module):
         self.kernel: str | None = None  # None: $CMPQ_KERNEL, else "auto"
         self.isa: str | None = None     # None: $CMPQ_ISA, else the best this CPU has
         self._native = None
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.half()` must not cast the packed tensors (FP16 codebooks stay FP16): they follow
+        device moves only. The kernels' view is rebuilt on next use."""
+        packed = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in packed.items():
+            moved = self._buffers[name]
+            if moved.dtype != buffer.dtype:
+                self._buffers[name] = buffer.to(moved.device)
+        self._native = None
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._native = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_weight(cls, qw: CMPQWeight, bias: torch.Tensor | None = None) -> "CMPQLinear":
@@ -172,6 +196,8 @@ class CMPQLinear(nn.Module):
         if self._native is None:
             self._native = self.prepare_native()
         x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if x2.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.float().contiguous()
         isa, threads = native.isa_code(self.isa), torch.get_num_threads()
         if x2.shape[0] <= native.MAX_BATCH:

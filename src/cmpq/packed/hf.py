@@ -26,8 +26,9 @@ FORMAT_VERSION = 1
 LAYER_TENSORS = ("levels", "width_map", "codes", "codebooks", "grid", "outlier_values", "outlier_cols",
                  "outlier_rowptr", *UNIFORM_TENSORS)
 QUANTIZED_MODULES = (CMPQLinear, UniformLinear)
-_DTYPES = {"U8": torch.uint8, "U16": torch.uint16, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16,
+           "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64, "F16": torch.float16,
+           "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -57,9 +58,13 @@ def checkpoint_layout(files: list[str]) -> dict[str, tuple[tuple[int, ...], torc
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
                     part = handle.get_slice(key)
-                    layout[key] = (tuple(part.get_shape()), _DTYPES[part.get_dtype()])
+                    layout[key] = (tuple(part.get_shape()), part.get_dtype())
         except Exception as exc:  # safetensors raises its own error types for truncated or garbled headers
             raise FormatError(f"{file}: not a readable safetensors file ({exc})") from None
+    for key, (shape, dtype) in layout.items():
+        if dtype not in _DTYPES:
+            raise FormatError(f"tensor '{key}' has dtype {dtype}, which cmpq does not read")
+        layout[key] = (shape, _DTYPES[dtype])
     return layout
 
 

@@ -44,6 +44,19 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fsync_tree(directory: Path, files: bool = True) -> None:
+    """Flush the files of `directory` (and the directory entry itself) to disk before it is renamed."""
+    paths = [p for p in directory.iterdir() if p.is_file()] if files else []
+    for path in paths:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def check_target(directory: Path, overwrite: bool) -> None:
     """Fail before any long work if the target exists (without `overwrite`) or its parent is not writable."""
     directory = Path(directory)
@@ -98,13 +111,19 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
+        _fsync_tree(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             directory.rename(old)
-            tmp.rename(directory)
+            try:
+                tmp.rename(directory)
+            except BaseException:
+                old.rename(directory)  # put the previous model back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(directory)
+        _fsync_tree(directory.resolve().parent, files=False)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
