@@ -139,23 +139,10 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
                       outlier_cols=cols, outlier_values=values, codebook_format=codebook_format, int8_grid=grid)
 
 
-class CMPQLinear(nn.Module):
-    """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file).
+class PackedLinear(nn.Module):
+    """Base of the quantized linear modules: their buffers are the packed tensors, stored as they are."""
 
-    Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for up to 8 tokens, a dequantized tile
-    and a dense matmul above) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
-    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either."""
-
-    def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.kernel: str | None = None  # None: $CMPQ_KERNEL, else "auto"
-        self.isa: str | None = None     # None: $CMPQ_ISA, else the best this CPU has
-        self._native = None
+    _native = None
 
     def _apply(self, fn, recurse=True):
         """`.to(dtype)` / `.half()` must not cast the packed tensors (FP16 codebooks stay FP16): they follow
@@ -172,6 +159,25 @@ class CMPQLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._native = None
         return super()._load_from_state_dict(*args, **kwargs)
+
+
+class CMPQLinear(PackedLinear):
+    """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file).
+
+    Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for up to 8 tokens, a dequantized tile
+    and a dense matmul above) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
+    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either."""
+
+    def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.kernel: str | None = None  # None: $CMPQ_KERNEL, else "auto"
+        self.isa: str | None = None     # None: $CMPQ_ISA, else the best this CPU has
+        self._native = None
 
     @classmethod
     def from_weight(cls, qw: CMPQWeight, bias: torch.Tensor | None = None) -> "CMPQLinear":

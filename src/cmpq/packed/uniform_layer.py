@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmpq.errors import FormatError
+from cmpq.packed.cmpq_layer import PackedLinear
 from cmpq.packed.bitplanes import pack_planes, pack_stream, unpack_planes, unpack_stream
 from cmpq.quantizers.rtn import UniformQuantizedWeight
 
@@ -44,7 +45,7 @@ def unpack_uniform(tensors: dict[str, torch.Tensor], out_features: int, in_featu
                                   group_size=group_size)
 
 
-class UniformLinear(nn.Module):
+class UniformLinear(PackedLinear):
     """nn.Linear's drop-in from packed uniform tensors; dequantizes and calls F.linear."""
 
     def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor], bits: int,
