@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "load it with `cmpq generate --model DIR`, `cmpq eval --model DIR` or transformers' "
                         "AutoModelForCausalLM.from_pretrained(DIR) after `import cmpq`")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    q.add_argument("--quantize-head", type=float, metavar="BITS",
+                   help="also quantize the output head (lm_head; untied from the embeddings if shared) with CMPQ's "
+                        "best setting at BITS honest bits per weight (1..8; 8 is nearly lossless). Its bpw is "
+                        "reported apart from the blocks'. Default: the head stays as it is")
 
     e = sub.add_parser("eval", help="evaluate a model (e.g. the float reference)",
                        description="Perplexity of a model per PROTOCOL.md.")
@@ -203,6 +207,9 @@ def _print_summary(record: dict[str, Any]) -> None:
     if record.get("bpw") is not None:
         print(f"{record['method']}: {record['bpw']:.4f} bpw honest ({record['code_bpw']:.4f} code bpw) over "
               f"{record['quantized_layers']} layers, quantized in {record['quant_seconds']:.1f} s")
+    if record.get("head"):
+        head = record["head"]
+        print(f"head {head['name']}: {head['bpw']:.4f} bpw honest, {head['bytes']:,} bytes (not in the bpw above)")
     for name, r in record["ppl"].items():
         print(f"{name} ppl ({r['protocol']}, {r['windows']} windows, {r['tokens']} tokens): {r['ppl']:.4f}")
     print(f"peak RSS {record['peak_rss_mb']:.0f} MB, threads {record['threads']}")
@@ -213,6 +220,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from cmpq import workflow
     from cmpq.data.sources import load_eval_text
     from cmpq.eval.records import append_record, check_writable
+    from cmpq.head import head_quantizer
     from cmpq.models.load import load_model
     from cmpq.packed.model_io import WEIGHTS, check_target, save_quantized
     from cmpq.quantizers import QUANTIZERS, get_quantizer
@@ -232,6 +240,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         # Validate everything that can fail before the model is loaded and before any long work.
         preset = args.preset or QUANTIZERS[args.method].default_preset
         quantizer = get_quantizer(args.method, preset=preset, **_method_options(args))
+        head = head_quantizer(args.quantize_head) if args.quantize_head is not None else None
         calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                             dtype=args.calib_dtype)
         eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
@@ -240,12 +249,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if args.out:
             check_target(Path(args.out), args.overwrite)
         loaded = load_model(args.model)
-        result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress)
+        result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress, head)
         ppl = workflow.evaluate(loaded, eval_config, progress)
         record = workflow.quantization_record(loaded, quantizer, result, calib_info, ppl,
-                                              args.protocol if ppl else None)
+                                              args.protocol if ppl else None, head)
         if args.out:
-            directory = save_quantized(loaded, result, quantizer, Path(args.out), overwrite=args.overwrite)
+            directory = save_quantized(loaded, result, quantizer, Path(args.out), overwrite=args.overwrite,
+                                       head=head)
             record["file_bytes"] = (directory / WEIGHTS).stat().st_size
             record["saved_to"] = str(directory)
             print(f"saved to {directory} ({record['file_bytes']:,} bytes in {WEIGHTS})")

@@ -49,7 +49,8 @@ def generate_ids(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
     out = []
     with torch.inference_mode():
         start = time.perf_counter()
-        logits = model(ids, cache=cache, use_cache=True, cache_position=torch.arange(prompt)).logits
+        # only the last position's logits are needed: the head runs on one token, not the whole prompt
+        logits = model(ids, cache=cache, use_cache=True, cache_position=torch.arange(prompt), logits_to_keep=1).logits
         token = _pick(logits[:, -1], temperature, generator)
         prefill = time.perf_counter() - start
         out.append(token)

@@ -24,18 +24,25 @@ from cmpq.quantizers.base import BitBreakdown, QuantizedWeight, Quantizer
 
 @dataclass
 class QuantizationResult:
-    """Quantized layers by full module name, with timing. The model itself now holds dequantized weights."""
+    """Quantized layers by full module name, with timing. The model itself now holds dequantized weights.
+    `head`: the name of the quantized output head (`--quantize-head`) among `layers`, accounted apart."""
 
     method: str
     layers: dict[str, QuantizedWeight] = field(default_factory=dict)
     seconds: float = 0.0
+    head: str | None = None
 
     def storage(self) -> BitBreakdown:
-        """Honest accounting summed over all quantized layers."""
+        """Honest accounting summed over the quantized layers of the blocks (the head is reported apart)."""
         total = BitBreakdown()
-        for qw in self.layers.values():
-            total = total + qw.storage()
+        for name, qw in self.layers.items():
+            if name != self.head:
+                total = total + qw.storage()
         return total
+
+    def head_storage(self) -> BitBreakdown | None:
+        """Honest accounting of the quantized head, if there is one."""
+        return None if self.head is None else self.layers[self.head].storage()
 
 
 def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor | None,

@@ -16,6 +16,7 @@ from cmpq.errors import ConfigError
 from cmpq.data.sampling import calibration_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
+from cmpq.head import quantize_head
 from cmpq.models.load import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
 from cmpq.quantizers import Quantizer
@@ -38,23 +39,40 @@ def evaluate(loaded: LoadedModel, config: EvalConfig, progress: bool = True) -> 
 
 
 def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true_sequential: bool = False,
-             progress: bool = True) -> tuple[QuantizationResult, dict[str, Any]]:
-    """Quantize `loaded.model` in place; returns the result and the calibration description for the record."""
+             progress: bool = True, head: Quantizer | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
+    """Quantize `loaded.model` in place (and its output head with `head`, after the blocks); returns the
+    result and the calibration description for the record."""
     calib_info: dict[str, Any] = {"used": False}
     windows = None
-    if quantizer.needs():
+    if quantizer.needs() or (head is not None and head.needs()):
         check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,
                       "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
-    result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
-                            progress=progress, dtype=resolve_dtype(calib.dtype))
+    result = quantize_model(loaded.model, loaded.arch, quantizer, windows if quantizer.needs() else None,
+                            true_sequential=true_sequential, progress=progress, dtype=resolve_dtype(calib.dtype))
+    if head is not None:
+        (name, qw), seconds = timed(quantize_head, loaded.model, head, windows, resolve_dtype(calib.dtype), progress)
+        result.layers[name], result.head = qw, name
+        result.seconds += seconds
     return result, calib_info
 
 
+def head_record(result: QuantizationResult, head: Quantizer | None) -> dict[str, Any] | None:
+    """The quantized head's own accounting (PROTOCOL: reported apart from the blocks' bpw)."""
+    storage = result.head_storage()
+    if storage is None or head is None:
+        return None
+    return {"name": result.head, "method": head.name, "config": config_to_dict(head.config),
+            "target_bits": head.target_bits(), "bpw": storage.bpw, "bits": storage.as_dict(),
+            "bytes": -(-storage.total // 8)}
+
+
 def quantization_record(loaded: LoadedModel, quantizer: Quantizer, result: QuantizationResult,
-                        calib_info: dict[str, Any], ppl: dict[str, Any], protocol: str | None) -> dict[str, Any]:
-    """PROTOCOL's benchmark record for one quantized configuration."""
+                        calib_info: dict[str, Any], ppl: dict[str, Any], protocol: str | None,
+                        head: Quantizer | None = None) -> dict[str, Any]:
+    """PROTOCOL's benchmark record for one quantized configuration (`bpw` covers the blocks' linears; a
+    quantized head is under `head`, and excluded from `unquantized`)."""
     storage = result.storage()
     unquantized = unquantized_storage(loaded.model, set(result.layers))
     target = quantizer.target_bits()
@@ -69,10 +87,11 @@ def quantization_record(loaded: LoadedModel, quantizer: Quantizer, result: Quant
         "budget_met": None if target is None else target - BUDGET_TOLERANCE_BPW <= storage.bpw <= target,
         "code_bpw": storage.code_bpw,
         "bits": storage.as_dict(),
-        "quantized_layers": len(result.layers),
+        "quantized_layers": len(result.layers) - (result.head is not None),
         "quantized_weights": storage.weights,
         "quantized_bytes": -(-storage.total // 8),
         "unquantized": unquantized,
+        "head": head_record(result, head),
         "file_bytes": None,  # no packed file is written yet; the byte counts above are from the accounting
         "protocol": protocol,
         "ppl": ppl,

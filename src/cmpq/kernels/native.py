@@ -41,10 +41,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def supported_isas() -> list[str]:
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
     """Instruction sets the kernels can use on this CPU (empty if the library is missing)."""
     lib = library()
-    return [name for name, code in ISAS.items() if lib is not None and lib.cmpq_isa_supported(code)]
+    return tuple(name for name, code in ISAS.items() if lib is not None and lib.cmpq_isa_supported(code))
 
 
 def kernel_mode() -> str:
@@ -55,8 +56,13 @@ def kernel_mode() -> str:
 
 
 def isa_code(isa: str | None = None) -> int:
-    """Code of the requested instruction set (-1 = the best available)."""
-    name = isa or os.environ.get("CMPQ_ISA", "auto")
+    """Code of the requested instruction set (-1 = the best available); called on every forward, so the
+    answer per name is cached."""
+    return _isa_code(isa or os.environ.get("CMPQ_ISA", "auto"))
+
+
+@functools.cache
+def _isa_code(name: str) -> int:
     if name == "auto":
         return -1
     if name not in ISAS:

@@ -37,7 +37,7 @@ class CmpqHfConfig(QuantizationConfigMixin):
 
     def __init__(self, format_version: int = FORMAT_VERSION, method: str = "cmpq", config: dict | None = None,
                  target_bits: float | None = None, bpw: float | None = None, layers: list[str] | None = None,
-                 checksum: str | None = None, **kwargs: Any) -> None:
+                 checksum: str | None = None, head: dict | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.method = method
@@ -46,6 +46,7 @@ class CmpqHfConfig(QuantizationConfigMixin):
         self.bpw = bpw
         self.layers = layers or []
         self.checksum = checksum
+        self.head = head  # {"name", "method", "config", "bpw"} when the output head is quantized too
 
 
 def checkpoint_layout(files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -125,7 +126,12 @@ class CmpqHfQuantizer(HfQuantizer):
         files = list(checkpoint_files or [])
         where = files[0] if files else "checkpoint"
         config = self.quantization_config
-        replace_linears(model, checkpoint_layout(files), list(config.layers), where, config.method, config.config)
+        layout = checkpoint_layout(files)
+        head = config.head or {}
+        body = [name for name in config.layers if name != head.get("name")]
+        replace_linears(model, layout, body, where, config.method, config.config)
+        if head:
+            replace_linears(model, layout, [head["name"]], where, head.get("method", "cmpq"), head.get("config"))
         return model
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:

@@ -92,9 +92,19 @@ def packed_state(loaded: LoadedModel, result: QuantizationResult) -> dict[str, t
     return state
 
 
+def _head_entry(result: QuantizationResult, head: Quantizer | None) -> dict[str, Any] | None:
+    if result.head is None:
+        return None
+    if head is None:
+        raise CmpqError("the result holds a quantized head: pass its quantizer to save_quantized(head=...)")
+    return {"name": result.head, "method": head.name, "config": json.loads(json.dumps(config_to_dict(head.config))),
+            "target_bits": head.target_bits(), "bpw": result.head_storage().bpw}
+
+
 def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Quantizer, directory: Path,
-                   overwrite: bool = False) -> Path:
-    """Write the quantized model to `directory` atomically; returns the directory."""
+                   overwrite: bool = False, head: Quantizer | None = None) -> Path:
+    """Write the quantized model to `directory` atomically; returns the directory. `head`: the quantizer of
+    the output head when `result` holds one (`--quantize-head`)."""
     directory = Path(directory)
     check_target(directory, overwrite)
     storage = result.storage()
@@ -105,7 +115,7 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
         config.quantization_config = CmpqHfConfig(
             method=result.method, config=json.loads(json.dumps(config_to_dict(quantizer.config))),
             target_bits=quantizer.target_bits(), bpw=storage.bpw, layers=sorted(result.layers),
-            checksum=sha256(tmp / WEIGHTS)).to_dict()
+            checksum=sha256(tmp / WEIGHTS), head=_head_entry(result, head)).to_dict()
         config.dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
