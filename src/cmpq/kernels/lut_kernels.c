@@ -149,22 +149,39 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512 lookup512(const
     return parts[0];
 }
 
-/* Batch 1, four 16-row groups per pass, one segment of columns of the same width W <= 4: the table is
- * loaded once for 64 rows, the planes are read straight into mask registers (kmovw k, m16: a load, not a
- * shuffle-port uop) and W is a compile-time constant, so the plane loop unrolls without branches. */
+/* Batch 1, four 16-row groups per pass, one segment of columns of the same width W: the column's table is
+ * loaded into registers once for 64 rows, the planes are read straight into mask registers (kmovw k, m16: a
+ * load, not a shuffle-port uop) and W is a compile-time constant, so the plane loops unroll without branches.
+ * W <= 4: one vpermps on a 16-entry register; W = 5: one vpermi2ps on 32 entries; W > 5: one vpermi2ps per
+ * 32-entry block, then planes 5.. select between blocks by masked moves (the index keeps only 5 bits). */
 #define DEF_SEG512(W)                                                                                           \
     __attribute__((target("avx512f,avx512bw"))) static inline const uint16_t *seg512_##W(                     \
         const float *t, int64_t n, const uint16_t *p, int64_t words, __m512 acc[4]) {                           \
         const __m512i one = _mm512_set1_epi32(1);                                                               \
+        enum { LOW = W < 5 ? W : 5, REGS = W <= 4 ? 1 : (1 << (W - 4)) };                                       \
         for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W) {                                                  \
-            const __m512 tab = _mm512_loadu_ps(t);                                                              \
+            __m512 tab[REGS];                                                                                   \
+            for (int r = 0; r < REGS; ++r) tab[r] = _mm512_loadu_ps(t + 16 * r);                                \
             for (int j = 0; j < 4; ++j) {                                                                       \
                 const uint16_t *q = p + j * words;                                                              \
                 __m512i idx = _mm512_maskz_mov_epi32(_load_mask16((__mmask16 *)q), one);                        \
-                for (int k = 1; k < W; ++k)                                                                     \
+                for (int k = 1; k < LOW; ++k)                                                                   \
                     idx = _mm512_mask_add_epi32(idx, _load_mask16((__mmask16 *)(q + k)), idx,                   \
                                                 _mm512_set1_epi32(1 << k));                                     \
-                acc[j] = _mm512_add_ps(acc[j], _mm512_permutexvar_ps(idx, tab));                                \
+                __m512 v;                                                                                       \
+                if (W <= 4) {                                                                                   \
+                    v = _mm512_permutexvar_ps(idx, tab[0]);                                                     \
+                } else {                                                                                        \
+                    __m512 part[REGS / 2];                                                                      \
+                    for (int b = 0; b < REGS / 2; ++b)                                                          \
+                        part[b] = _mm512_permutex2var_ps(tab[2 * b], idx, tab[2 * b + 1]);                      \
+                    for (int k = 5, m = REGS / 2; k < W; ++k, m >>= 1)                                          \
+                        for (int b = 0; b < m / 2; ++b)                                                         \
+                            part[b] = _mm512_mask_mov_ps(part[2 * b], _load_mask16((__mmask16 *)(q + k)),       \
+                                                         part[2 * b + 1]);                                      \
+                    v = part[0];                                                                                \
+                }                                                                                               \
+                acc[j] = _mm512_add_ps(acc[j], v);                                                              \
             }                                                                                                   \
         }                                                                                                       \
         return p;                                                                                               \
@@ -173,6 +190,10 @@ DEF_SEG512(1)
 DEF_SEG512(2)
 DEF_SEG512(3)
 DEF_SEG512(4)
+DEF_SEG512(5)
+DEF_SEG512(6)
+DEF_SEG512(7)
+DEF_SEG512(8)
 
 __attribute__((target("avx512f,avx512bw"))) static void gemv_avx512(const layer_t *L, const float *T,
                                                                     int64_t tsize, int64_t batch, float *y,
@@ -192,14 +213,10 @@ __attribute__((target("avx512f,avx512bw"))) static void gemv_avx512(const layer_
                     case 2: p = seg512_2(t, n, p, L->words, acc); break;
                     case 3: p = seg512_3(t, n, p, L->words, acc); break;
                     case 4: p = seg512_4(t, n, p, L->words, acc); break;
-                    default:
-                        for (int64_t c = 0; c < n; ++c, p += w) {
-                            const float *tc = T + L->cb_offset[i + c];
-                            for (int j = 0; j < 4; ++j) {
-                                const uint16_t *q = p + j * L->words;
-                                acc[j] = _mm512_add_ps(acc[j], lookup512(tc, decode512(q, w), w, q));
-                            }
-                        }
+                    case 5: p = seg512_5(t, n, p, L->words, acc); break;
+                    case 6: p = seg512_6(t, n, p, L->words, acc); break;
+                    case 7: p = seg512_7(t, n, p, L->words, acc); break;
+                    default: p = seg512_8(t, n, p, L->words, acc); break;
                 }
                 i += n;
             }
