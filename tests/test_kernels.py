@@ -6,25 +6,17 @@ import torch
 
 from cmpq.kernels import native
 from cmpq.packed.cmpq_layer import CMPQLinear
-from cmpq.quantizers.cmpq.quantizer import CMPQWeight
+from cmpq.packed.synthetic import random_cmpq_layer
 
 ISAS = native.supported_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="native kernels not built")
 
 
 def random_layer(rows, cols, widths, nnz, seed=0, codebook="fp16"):
+    """Columns drawn at random from the width mix `widths`."""
     g = torch.Generator().manual_seed(seed)
-    widths = torch.tensor(widths)[torch.randint(0, len(widths), (cols,), generator=g)].to(torch.uint8)
-    codebooks = torch.randn(cols, 256, generator=g).sort(dim=1).values.half().float()
-    grid = None
-    if codebook == "int8":
-        grid = (-2.0, 4.0 / 255)
-        codebooks = grid[0] + grid[1] * torch.randint(0, 256, (cols, 256), generator=g).sort(dim=1).values.float()
-    codes = torch.stack([torch.randint(0, 2 ** int(w), (rows,), generator=g) for w in widths], 1).to(torch.uint8)
-    flat = torch.randperm(rows * cols, generator=g)[:nnz].sort().values
-    return CMPQWeight(widths=widths, codes=codes, codebooks=codebooks, outlier_rows=flat // cols,
-                      outlier_cols=flat % cols, outlier_values=torch.randn(nnz, generator=g).half(),
-                      codebook_format=codebook, int8_grid=grid)
+    mix = torch.tensor(widths)[torch.randint(0, len(widths), (cols,), generator=g)]
+    return random_cmpq_layer(rows, cols, mix, nnz, seed, codebook)
 
 
 MIXES = [[1], [2], [3], [4], [5], [6], [7], [8], [2, 3], [3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]
@@ -76,3 +68,17 @@ def test_forcing_an_unknown_isa_is_an_error(monkeypatch):
     module.kernel = "native"
     with pytest.raises(ValueError, match="unknown ISA"):
         module(torch.randn(1, 24))
+
+
+def test_kernel_benchmark_writes_ratios_and_bandwidth(tmp_path):
+    from cmpq.bench import kernels
+    from cmpq.packed.synthetic import mixed_widths
+
+    widths = mixed_widths(100, 2.5)
+    assert widths.float().mean().item() == 2.5 and set(widths.tolist()) == {2, 3}
+    records = kernels.run(tmp_path, [(64, 100)], (2.5, 3.0), (1, 9), repeats=2, progress=False)
+    assert [(r["bits"], r["batch"]) for r in records] == [(2.5, 1), (2.5, 9), (3.0, 1), (3.0, 9)]
+    for r in records:
+        assert r["ours_ms"] > 0 and r["speedup_vs_fp32"] > 0 and r["copy_gbps"] > 0 and r["weight_gbps"] > 0
+    assert (tmp_path / "kernels.jsonl").read_text().count("\n") == 4
+    assert "% copy" in (tmp_path / "kernels.md").read_text()

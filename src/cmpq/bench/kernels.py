@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cmpq.packed.cmpq_layer import CMPQLinear
-from cmpq.quantizers.cmpq.quantizer import CMPQWeight
+from cmpq.packed.synthetic import mixed_widths, random_cmpq_layer
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -52,25 +52,6 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     return 2 * source.numel() * 4 / seconds
 
 
-def random_cmpq_layer(rows: int, cols: int, bits: float, seed: int = 0) -> CMPQWeight:
-    """A packed-format CMPQ layer at `bits` code bits per weight (integer or halfway between two integers)."""
-    g = torch.Generator().manual_seed(seed)
-    low = int(bits)
-    widths = torch.full((cols,), low, dtype=torch.uint8)
-    if bits > low:
-        widths[torch.randperm(cols, generator=g)[: round((bits - low) * cols)]] = low + 1
-    codebooks = (torch.randn(cols, 2 ** int(widths.max()), generator=g).sort(dim=1).values * 0.05).half().float()
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
-    for width in torch.unique(widths).tolist():
-        columns = widths == width
-        codes[:, columns] = torch.randint(0, 2**width, (rows, int(columns.sum())), generator=g, dtype=torch.uint8)
-    nnz = round(OUTLIER_RATIO * rows * cols)
-    flat = torch.randperm(rows * cols, generator=g)[:nnz].sort().values
-    return CMPQWeight(widths=widths, codes=codes, codebooks=codebooks, outlier_rows=flat // cols,
-                      outlier_cols=flat % cols, outlier_values=(torch.randn(nnz, generator=g) * 0.2).half(),
-                      codebook_format="fp16")
-
-
 @dataclass
 class KernelResult:
     shape: tuple[int, int]
@@ -90,7 +71,9 @@ class KernelResult:
 
 def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repeats: int) -> list[KernelResult]:
     rows, cols = shape
-    module = CMPQLinear.from_weight(random_cmpq_layer(rows, cols, bits))
+    layer = random_cmpq_layer(rows, cols, mixed_widths(cols, bits), nnz=round(OUTLIER_RATIO * rows * cols),
+                              scale=0.05)
+    module = CMPQLinear.from_weight(layer)
     module.kernel = "native"
     weight_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
     dense = torch.randn(rows, cols) * 0.05

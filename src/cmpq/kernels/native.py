@@ -94,16 +94,20 @@ class PreparedLayer:
     outlier_rows: torch.Tensor    # (nnz,) int64
     table_size: int
 
+    def __post_init__(self) -> None:
+        # Decode calls this layer once per token: the pointers of its fixed tensors and the table scratch are
+        # taken once here, so a call only converts x, y and the options.
+        self._tables = torch.empty(MAX_BATCH * self.table_size + _PAD, dtype=torch.float32)
+        self._fixed = (self.table_size, self.rows, self.cols, _ptr(self.planes), _ptr(self.order), _ptr(self.widths),
+                       _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.orow), _ptr(self.ocol),
+                       _ptr(self.odelta))
+
     def gemv(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
         """x (batch <= MAX_BATCH, cols) float32 contiguous -> (batch, rows)."""
-        lib = library()
         batch = x.shape[0]
         y = torch.empty(batch, self.rows, dtype=torch.float32)
-        tables = torch.empty(batch * self.table_size + _PAD, dtype=torch.float32)
-        status = lib.cmpq_lut_gemv(_ptr(x), batch, _ptr(y), _ptr(tables), self.table_size, self.rows, self.cols,
-                                   _ptr(self.planes), _ptr(self.order), _ptr(self.widths), _ptr(self.codebooks),
-                                   _ptr(self.cb_offset), _ptr(self.orow), _ptr(self.ocol), _ptr(self.odelta),
-                                   _ptr(bias), isa, threads)
+        status = library().cmpq_lut_gemv(x.data_ptr(), batch, y.data_ptr(), self._tables.data_ptr(), *self._fixed,
+                                         _ptr(bias), isa, threads)
         if status != 0:
             raise RuntimeError(f"cmpq_lut_gemv failed (isa {isa}, batch {batch})")
         return y
