@@ -3,8 +3,8 @@
 For a small model the head is a large share of decode time (smollm2: 49152 x 576, 28M of 135M weights, read
 once per token). It is quantized with CMPQ's best setting at BITS (any width 1..8; with 49152-row columns a
 256-entry codebook costs under 0.1 bpw, so 8 bits is nearly lossless). Its calibration statistic is the
-input of the head over the same windows, taken from a forward of the model whose blocks are already
-quantized (a hook stops each forward before the logits are computed). A head tied to the input embeddings
+input of the head over the same windows: the streaming engine (`pipeline.py`) runs the last quantized block
+too and passes its outputs through the final norm (the logits themselves are never computed). A head tied to the input embeddings
 is untied first: the embeddings stay as they were, only the head is stored quantized.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from cmpq.calibration.capture import StopBlock
 from cmpq.calibration.precision import compute_context
@@ -51,15 +50,19 @@ def untie(model: nn.Module, head: nn.Linear) -> None:
         model.config.tie_word_embeddings = False
 
 
-def head_stats(model: nn.Module, name: str, head: nn.Linear, needs: frozenset[str], windows: torch.Tensor,
-               dtype: torch.dtype, progress: bool) -> LayerStats:
-    """Statistics of the head's input over the calibration windows (forwards end at the head)."""
+def head_stats(final: list[nn.Module], name: str, head: nn.Linear, needs: frozenset[str], hidden: torch.Tensor,
+               dtype: torch.dtype) -> LayerStats:
+    """Statistics of the head's input over the calibration windows, from the last block's outputs `hidden`
+    (nsamples, seqlen, hidden) through the `final` modules (norm); the head itself is never run."""
     recorder = StatsRecorder({name: head}, needs, stop_early=True)
     try:
         with torch.no_grad(), compute_context(dtype):
-            for index in tqdm(range(windows.shape[0]), desc="head statistics", unit="window", disable=not progress):
+            for index in range(hidden.shape[0]):
+                x = hidden[index:index + 1]
+                for module in final:
+                    x = module(x)
                 try:
-                    model(windows[index:index + 1], use_cache=False)
+                    head(x)
                 except StopBlock:
                     pass
                 recorder.flush()
@@ -68,16 +71,17 @@ def head_stats(model: nn.Module, name: str, head: nn.Linear, needs: frozenset[st
     return stats[name]
 
 
-def quantize_head(model: nn.Module, quantizer: Quantizer, windows: torch.Tensor | None, dtype: torch.dtype,
-                  progress: bool = True) -> tuple[str, QuantizedWeight]:
-    """Quantize the output head of `model` in place (weight replaced by its dequantized value); returns its
-    module name and quantized weight."""
+def quantize_head(model: nn.Module, final: list[nn.Module], quantizer: Quantizer, hidden: torch.Tensor | None,
+                  dtype: torch.dtype) -> tuple[str, QuantizedWeight]:
+    """Quantize the output head of `model` in place (weight replaced by its dequantized value), with statistics
+    from `hidden`, the last block's outputs over the calibration windows; returns its name and quantized
+    weight."""
     name, head = output_head(model)
     needs = quantizer.needs()
-    if needs and windows is None:
+    if needs and hidden is None:
         raise ConfigError("quantizing the head needs calibration windows")
     untie(model, head)
-    stats = head_stats(model, name, head, needs, windows, dtype, progress) if needs else LayerStats()
+    stats = head_stats(final, name, head, needs, hidden, dtype) if needs else LayerStats()
     qw = quantizer.quantize(head.weight.data.float(), stats, name)
     with torch.no_grad():
         head.weight.copy_(qw.dequantize().to(head.weight.dtype))

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from cmpq.calibration.capture import capture_block_inputs, run_block
 from cmpq.calibration.stats import LayerStats, StatsRecorder
 from cmpq.errors import CmpqError, ConfigError
+from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
 from cmpq.quantizers.base import BitBreakdown, QuantizedWeight, Quantizer
 
@@ -47,8 +48,9 @@ class QuantizationResult:
 
 def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor | None,
                    true_sequential: bool = False, progress: bool = True,
-                   dtype: torch.dtype = torch.float32) -> QuantizationResult:
-    """Quantize every linear in the blocks of `model` in place (weights replaced by their dequantized values).
+                   dtype: torch.dtype = torch.float32, head: Quantizer | None = None) -> QuantizationResult:
+    """Quantize every linear in the blocks of `model` in place (weights replaced by their dequantized values),
+    then the output head with `head` if given (`cmpq.head`; accounted apart, `result.head`).
 
     windows: calibration token ids (nsamples, seqlen), int64; None for methods that need no statistics.
     true_sequential: gather each group's statistics after the groups before it in the block are quantized
@@ -59,11 +61,15 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     result = QuantizationResult(method=quantizer.name)
     blocks = arch.blocks(model)
     needs = quantizer.needs()
-    if needs and windows is None:
-        raise ConfigError(f"{quantizer.name} needs calibration statistics {sorted(needs)}: pass calibration windows")
+    head_needs = head.needs() if head is not None else frozenset()
+    feed = bool(needs or head_needs)  # whether calibration activations flow through the blocks
+    if feed and windows is None:
+        what = quantizer.name if needs else "the head's quantizer"
+        raise ConfigError(f"{what} needs calibration statistics {sorted(needs or head_needs)}: pass calibration "
+                          f"windows")
     if quantizer.measures_model():
         _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress, dtype)
-    if needs:
+    if feed:
         inputs = capture_block_inputs(model, blocks[0], windows, dtype)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
     bar = tqdm(range(len(blocks)), desc=f"quantize [{quantizer.name}]", unit="block", disable=not progress)
@@ -85,11 +91,14 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                     linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
                 result.layers[full_name] = qw
         # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
-        # and the last block's outputs feed nothing: skip those passes.
-        if needs and index + 1 < len(blocks):
+        # and the last block's outputs feed only the head's statistics: skip the passes nothing reads.
+        if feed and (index + 1 < len(blocks) or head_needs):
             run_block(block, inputs, hidden, spare)
             hidden, spare = spare, hidden
     bar.close()
+    if head is not None:
+        name, qw = quantize_head(model, arch.final_modules(model), head, hidden if head_needs else None, dtype)
+        result.layers[name], result.head = qw, name
     result.seconds = time.perf_counter() - start
     return result
 

@@ -16,7 +16,6 @@ from cmpq.errors import ConfigError
 from cmpq.data.sampling import calibration_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
-from cmpq.head import quantize_head
 from cmpq.models.load import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
 from cmpq.quantizers import Quantizer
@@ -49,12 +48,8 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
         windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,
                       "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
-    result = quantize_model(loaded.model, loaded.arch, quantizer, windows if quantizer.needs() else None,
-                            true_sequential=true_sequential, progress=progress, dtype=resolve_dtype(calib.dtype))
-    if head is not None:
-        (name, qw), seconds = timed(quantize_head, loaded.model, head, windows, resolve_dtype(calib.dtype), progress)
-        result.layers[name], result.head = qw, name
-        result.seconds += seconds
+    result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
+                            progress=progress, dtype=resolve_dtype(calib.dtype), head=head)
     return result, calib_info
 
 

@@ -22,6 +22,7 @@ class ArchSpec:
     model_types: tuple[str, ...]          # values of `config.model_type` this spec covers
     blocks_path: str                      # dotted attribute path from the *ForCausalLM model to the ModuleList
     groups: tuple[tuple[str, ...], ...]   # linear layer names inside a block, in quantization order
+    final: tuple[str, ...] = ()           # modules between the last block and the output head (absent: skipped)
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -33,6 +34,17 @@ class ArchSpec:
         for attr in self.blocks_path.split("."):
             module = getattr(module, attr)
         return module  # type: ignore[return-value]
+
+    def final_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules that turn the last block's output into the head's input (final norm, projection)."""
+        modules = []
+        for path in self.final:
+            module: nn.Module | None = model
+            for attr in path.split("."):
+                module = getattr(module, attr, None)
+            if module is not None:
+                modules.append(module)
+        return modules
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """Name -> nn.Linear for one block, checking the table matches the block exactly.
@@ -57,12 +69,14 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         model_types=("llama", "mistral", "qwen2"),
         blocks_path="model.layers",
         groups=(_ATTN_QKV, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+        final=("model.norm",),
     ),
     ArchSpec(
         name="opt",
         model_types=("opt",),
         blocks_path="model.decoder.layers",
         groups=(_ATTN_QKV, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     ),
 )
 
