@@ -51,8 +51,10 @@ def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: i
     for spec in models:
         loaded = load_model(spec)
         quant = getattr(loaded.model.config, "quantization_config", None)
+        quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
+        head = (quant or {}).get("head") or {}
         record = {"benchmark": "decode", "model": spec, **decode_speed(loaded, new_tokens, repeats),
-                  "bpw": (quant or {}).get("bpw") if isinstance(quant, dict) else getattr(quant, "bpw", None),
+                  "bpw": (quant or {}).get("bpw"), "head_bpw": head.get("bpw"),
                   "profile": profile_step(loaded), **environment()}
         records.append(record)
         del loaded
@@ -64,11 +66,14 @@ def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: i
     (out / "decode.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     lines = [f"Decode, same loop (static KV cache, greedy), prompt {records[0]['prompt_tokens']} tokens, "
              f"{new_tokens} new tokens, median of {repeats}; {records[0]['threads']} threads.", "",
-             "| model | bpw | tokens/s | x first | top ops (share of self time) |", "|---|---|---|---|---|"]
+             "| model | blocks bpw | head bpw | tokens/s | x first | top ops (share of self time) |",
+             "|---|---|---|---|---|---|"]
     for r in records:
         ops = ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in r["profile"][:4])
         bpw = "-" if r["bpw"] is None else f"{r['bpw']:.3f}"
-        lines.append(f"| {r['model']} | {bpw} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f} | {ops} |")
+        head = "float" if r.get("head_bpw") is None else f"{r['head_bpw']:.3f}"
+        name = Path(r["model"]).name if Path(r["model"]).is_dir() else r["model"]
+        lines.append(f"| {name} | {bpw} | {head} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f} | {ops} |")
     (out / "decode.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return records
 

@@ -1,0 +1,71 @@
+"""Issue 5's speed numbers in one command: packed smollm2-135m models at 2.5 / 3 / 4 honest bpw (and 3 bpw with a
+quantized head) are saved under runs/speed/ (once; reused when present), then `cmpq bench kernels` and
+`cmpq bench decode` write benchmarks/results/{kernels,decode}.{jsonl,md}, and the file sizes of the saved
+models with their bpw go to benchmarks/results/files.md.
+
+Run it on an otherwise idle machine: every number is a ratio of two timings taken side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+RESULTS = CHECKOUT / "benchmarks" / "results"
+MODELS = CHECKOUT / "runs" / "speed"
+# name -> extra `cmpq quantize` options (quick calibration, CMPQ's best setting)
+VARIANTS = {"cmpq-2.5": ["--bits", "2.5"], "cmpq-3": ["--bits", "3"], "cmpq-4": ["--bits", "4"],
+            "cmpq-3-head6": ["--bits", "3", "--quantize-head", "6"]}
+
+
+def cmpq(*args: str) -> None:
+    command = [sys.executable, "-m", "cmpq", *args]
+    print("+ cmpq " + " ".join(args), flush=True)
+    subprocess.run(command, check=True, cwd=CHECKOUT)
+
+
+def ensure_models(names: list[str]) -> list[Path]:
+    """Quantize and save each variant unless a complete saved model is already there."""
+    paths = []
+    for name in names:
+        path = MODELS / name
+        if not (path / "model.safetensors").is_file():
+            cmpq("quantize", *VARIANTS[name], "--nsamples", "32", "--seqlen", "512", "--eval", "none",
+                 "--out", str(path), "--overwrite", "--no-progress")
+        paths.append(path)
+    return paths
+
+
+def file_table(paths: list[Path]) -> str:
+    """Each saved model's weights file: bytes, the blocks' honest bpw and the head's, from its config."""
+    lines = ["| model | model.safetensors bytes | blocks bpw | head |", "|---|---|---|---|"]
+    for path in paths:
+        quant = json.loads((path / "config.json").read_text())["quantization_config"]
+        head = quant.get("head")
+        lines.append(f"| {path.name} | {(path / 'model.safetensors').stat().st_size:,} | {quant['bpw']:.3f} | "
+                     f"{'float (tied to the embeddings)' if not head else format(head['bpw'], '.3f') + ' bpw'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(VARIANTS), help="variants to compare with float (default: all)")
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--new-tokens", default="64")
+    parser.add_argument("--repeats", default="5")
+    args = parser.parse_args()
+    paths = ensure_models([m for m in args.models.split(",") if m])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "files.md").write_text(file_table(paths), encoding="utf-8")
+    if not args.skip_kernels:
+        cmpq("bench", "kernels", "--out", str(RESULTS))
+    cmpq("bench", "decode", "--models", ",".join(["smollm2-135m", *map(str, paths)]), "--out", str(RESULTS),
+         "--new-tokens", args.new_tokens, "--repeats", args.repeats)
+
+
+if __name__ == "__main__":
+    main()
