@@ -52,28 +52,30 @@ def quantize_with_feedback(weight: torch.Tensor, hessian: torch.Tensor,
     begin_block(columns, values), if given, is called before each block with the original indices of its
     columns and their current values (out, count), e.g. to refit codebooks on the updated weights.
     """
-    w = weight.float().clone()
-    columns = w.shape[1]
+    # Work on the transpose (in, out): a column of W is then a contiguous row, so quantizing it and the rank-1
+    # updates stream through memory instead of striding by the row length (4x faster on smollm2's 49152-row
+    # head).
+    columns = weight.shape[1]
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
     h = hessian[order][:, order]
     hinv, dead = inverse_hessian_factor(h, damp)
-    w = w[:, order]
-    w[:, dead] = 0.0
-    q = torch.zeros_like(w)
+    wt = weight.float().T[order].contiguous()
+    wt[dead] = 0.0
+    q = torch.zeros_like(wt)
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
         if begin_block is not None:
-            begin_block(order[start:stop], w[:, start:stop])
-        w1, hinv1 = w[:, start:stop].clone(), hinv[start:stop, start:stop]
+            begin_block(order[start:stop], wt[start:stop].T)
+        w1, hinv1 = wt[start:stop].clone(), hinv[start:stop, start:stop]
         err1 = torch.zeros_like(w1)
         for i in range(stop - start):
-            column = w1[:, i]
+            column = w1[i]
             quantized = quantize_column(int(order[start + i]), column)
-            q[:, start + i] = quantized
+            q[start + i] = quantized
             err = (column - quantized) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, stop:] -= err1 @ hinv[start:stop, stop:]
+            w1[i:] -= hinv1[i, i:, None] * err[None, :]
+            err1[i] = err
+        wt[stop:] -= hinv[start:stop, stop:].T @ err1
     result = torch.empty_like(q)
-    result[:, order] = q
-    return result
+    result[order] = q
+    return result.T.contiguous()

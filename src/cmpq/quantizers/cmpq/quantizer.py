@@ -380,9 +380,11 @@ class CMPQ(Quantizer):
                               warm=True, int8_grid=int8_grid)
             refresh(columns)
 
+        outlier_rows = outliers.T.contiguous()  # column j's outlier mask as a contiguous row
+
         def quantize_column(j: int, column: torch.Tensor) -> torch.Tensor:
             quantized = codebooks[j].gather(0, torch.searchsorted(mids[j], column.contiguous()))
-            return torch.where(outliers[:, j], column.half().float(), quantized)
+            return torch.where(outlier_rows[j], column.half().float(), quantized)
 
         refresh(torch.arange(codebooks.shape[0]))
         return quantize_with_feedback(w, hessian, quantize_column, damp=self.config.damp,
