@@ -73,7 +73,7 @@ def quantize_with_feedback(weight: torch.Tensor, hessian: torch.Tensor,
             quantized = quantize_column(int(order[start + i]), column)
             q[start + i] = quantized
             err = (column - quantized) / hinv1[i, i]
-            w1[i:] -= hinv1[i, i:, None] * err[None, :]
+            w1[i:].addr_(hinv1[i, i:], err, alpha=-1.0)  # rank-1 update in place, one pass
             err1[i] = err
         wt[stop:] -= hinv[start:stop, stop:].T @ err1
     result = torch.empty_like(q)
