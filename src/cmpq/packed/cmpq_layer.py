@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmpq.errors import FormatError
+from cmpq.kernels import native
 from cmpq.packed.bitplanes import pack_planes, pack_stream, unpack_planes, unpack_stream
 from cmpq.quantizers.cmpq.quantizer import CMPQWeight, index_bits
 
@@ -191,26 +192,29 @@ class CMPQLinear(PackedLinear):
         return self.quantized_weight().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from cmpq.kernels import native
-
         mode = self.kernel or native.kernel_mode()
         if mode == "reference" or (mode == "auto" and native.library() is None):
             weight = self.dequantize().to(x.dtype)
             return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
         if native.library() is None:
             raise RuntimeError("the native kernels were forced but are not built")
-        if self._native is None:
-            self._native = self.prepare_native()
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if x2.shape[0] == 0:
+        prepared = self._native
+        if prepared is None:
+            prepared = self._native = self.prepare_native()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        tokens = x2.shape[0]
+        if tokens == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.float().contiguous()
         isa, threads = native.isa_code(self.isa), torch.get_num_threads()
-        if x2.shape[0] <= native.MAX_BATCH:
-            y = self._native.gemv(x2, bias, isa, threads)
+        if tokens <= native.MAX_BATCH:
+            y = prepared.gemv(x2, bias, isa, threads)
         else:
-            y = self._native.matmul(x2, bias, isa, threads)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y = prepared.matmul(x2, bias, isa, threads)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def prepare_native(self):
         """The kernels' view of this layer (stored-order codebooks in float32, outlier deltas)."""
