@@ -44,13 +44,34 @@ def pack_planes(codes: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint16)
 
 
+def check_planes(planes: torch.Tensor, widths: torch.Tensor, rows: int) -> None:
+    """ValueError unless `planes` has the shape `pack_planes` gives for `rows` rows and these widths."""
+    groups, total = planes.shape
+    if total != int(widths.long().sum()) or groups != padded_rows(rows) // GROUP:
+        raise ValueError(f"planes of shape {tuple(planes.shape)} do not match {rows} rows and widths summing to "
+                         f"{int(widths.long().sum())}")
+
+
+def codes_at(planes: torch.Tensor, widths: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """The codes at positions (rows[i], columns[i]) only (int64), without unpacking the rest."""
+    widths = widths.long()
+    offsets = (torch.cumsum(widths, 0) - widths)[columns]
+    width = widths[columns]
+    words = planes.to(torch.int32) & 0xFFFF  # int16 storage sign-extends: keep the 16 bits
+    group, lane = rows // GROUP, rows % GROUP
+    codes = torch.zeros(rows.numel(), dtype=torch.int64)
+    for bit in range(int(width.max()) if width.numel() else 0):
+        has = width > bit
+        word = words[group[has], offsets[has] + bit]
+        codes[has] |= ((word >> lane[has]) & 1).long() << bit
+    return codes
+
+
 def unpack_planes(planes: torch.Tensor, widths: torch.Tensor, rows: int) -> torch.Tensor:
     """Inverse of `pack_planes`: (rows, columns) int64 codes."""
     widths = widths.long()
-    groups, total = planes.shape
-    if total != int(widths.sum()) or groups != padded_rows(rows) // GROUP:
-        raise ValueError(f"planes of shape {tuple(planes.shape)} do not match {rows} rows and widths summing to "
-                         f"{int(widths.sum())}")
+    check_planes(planes, widths, rows)
+    groups = planes.shape[0]
     words = planes.to(torch.int32)
     offsets = torch.cumsum(widths, 0) - widths
     codes = torch.zeros(groups, GROUP, widths.numel(), dtype=torch.int64)

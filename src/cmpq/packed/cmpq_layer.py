@@ -17,6 +17,7 @@ Every stored bit is one the honest accounting counts (`CMPQWeight.storage`), so 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from cmpq.errors import FormatError
 from cmpq.kernels import native
-from cmpq.packed.bitplanes import pack_planes, pack_stream, unpack_planes, unpack_stream
+from cmpq.packed.bitplanes import check_planes, codes_at, pack_planes, pack_stream, unpack_planes, unpack_stream
 from cmpq.quantizers.cmpq.quantizer import CMPQWeight, index_bits
 
 INDEX_DTYPES = {8: torch.uint8, 16: torch.uint16, 32: torch.int32, 64: torch.int64}
@@ -76,10 +77,29 @@ def _check(condition: bool, where: str, message: str) -> None:
         raise FormatError(f"{where}: {message}")
 
 
-def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
-                where: str = "layer") -> CMPQWeight:
-    """Rebuild the `CMPQWeight` (bit-identical dequantization) from packed tensors, validating every shape
-    and range so that a corrupt file fails here, naming `where`, instead of deep inside a kernel."""
+@dataclass
+class ParsedCMPQ:
+    """A layer's packed tensors checked and decoded, except the codes (which stay bit planes)."""
+
+    widths: torch.Tensor          # (in,) int64, original column order
+    order: torch.Tensor           # (in,) int64: stored column i is original column order[i]
+    planes: torch.Tensor          # (groups, sum of widths) uint16 bit planes, stored column order
+    entries: torch.Tensor         # flat float32 codebook entries, stored column order
+    codebook_format: str
+    grid: tuple[float, float] | None
+    outlier_rows: torch.Tensor    # (nnz,) int64, CSR order
+    outlier_cols: torch.Tensor    # (nnz,) int64, original column order
+    outlier_values: torch.Tensor  # (nnz,) float16
+
+    @property
+    def stored_widths(self) -> torch.Tensor:
+        return self.widths[self.order]
+
+
+def parse_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+               where: str = "layer") -> ParsedCMPQ:
+    """Check every shape and range of a layer's packed tensors, so that a corrupt file fails here, naming
+    `where`, instead of deep inside a kernel; decodes everything but the codes (cheap: no pass over weights)."""
     required = ("levels", "width_map", "codes", "codebooks", "outlier_values", "outlier_cols", "outlier_rowptr")
     missing = [name for name in required if name not in tensors]
     _check(not missing, where, f"missing tensors {missing}")
@@ -94,12 +114,12 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
     _check(bool((index < levels.numel()).all()), where, "width_map points past the width levels")
     widths = levels[index]
     order = stored_order(widths)
-    _check(tensors["codes"].dtype in (torch.uint16, torch.int16) and tensors["codes"].dim() == 2, where,
-           f"codes must be 16-bit bit planes (groups, words), got {tensors['codes'].dtype} "
-           f"{tuple(tensors['codes'].shape)}")
+    planes = tensors["codes"]
+    _check(planes.dtype in (torch.uint16, torch.int16) and planes.dim() == 2, where,
+           f"codes must be 16-bit bit planes (groups, words), got {planes.dtype} {tuple(planes.shape)}")
+    planes = planes.view(torch.uint16) if planes.dtype == torch.int16 else planes
     try:
-        stored_codes = unpack_planes(tensors["codes"].view(torch.uint16) if tensors["codes"].dtype == torch.int16
-                                     else tensors["codes"], widths[order], out_features)
+        check_planes(planes, widths, out_features)
     except ValueError as exc:
         raise FormatError(f"{where}: codes: {exc}") from None
     sizes = 2 ** widths[order]
@@ -117,13 +137,6 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
         _check(raw.dtype == torch.float16, where, f"codebooks of dtype {raw.dtype}, expected float16 or uint8")
         entries = raw.float()
         codebook_format = "fp16"
-    codebooks = torch.zeros(in_features, 2 ** int(levels.max()))
-    starts = torch.cumsum(sizes, 0) - sizes
-    for position, column in enumerate(order.tolist()):
-        size = int(sizes[position])
-        codebooks[column, :size] = entries[int(starts[position]): int(starts[position]) + size]
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
-    codes[:, order] = stored_codes.to(torch.uint8)
     values, cols, rowptr = tensors["outlier_values"], tensors["outlier_cols"].long(), tensors["outlier_rowptr"].long()
     if rowptr.numel() == 0 and values.numel() == 0:
         rowptr = torch.zeros(out_features + 1, dtype=torch.long)
@@ -136,8 +149,28 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
     same_row = rows[1:] == rows[:-1]
     _check(bool((cols[1:][same_row] > cols[:-1][same_row]).all()), where,
            "outlier_cols are not strictly increasing within a row (duplicates or unsorted)")
-    return CMPQWeight(widths=widths.to(torch.uint8), codes=codes, codebooks=codebooks, outlier_rows=rows,
-                      outlier_cols=cols, outlier_values=values, codebook_format=codebook_format, int8_grid=grid)
+    return ParsedCMPQ(widths=widths, order=order, planes=planes, entries=entries, codebook_format=codebook_format,
+                      grid=grid, outlier_rows=rows, outlier_cols=cols, outlier_values=values)
+
+
+def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+                where: str = "layer") -> CMPQWeight:
+    """Rebuild the `CMPQWeight` (bit-identical dequantization) from packed tensors (checked by `parse_cmpq`)."""
+    parsed = parse_cmpq(tensors, out_features, in_features, where)
+    widths, order = parsed.widths, parsed.order
+    stored_codes = unpack_planes(parsed.planes, widths[order], out_features)
+    sizes = 2 ** widths[order]
+    codebooks = torch.zeros(in_features, 2 ** int(widths.max()))
+    starts = torch.cumsum(sizes, 0) - sizes
+    for position, column in enumerate(order.tolist()):
+        size = int(sizes[position])
+        codebooks[column, :size] = parsed.entries[int(starts[position]): int(starts[position]) + size]
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
+    codes[:, order] = stored_codes.to(torch.uint8)
+    return CMPQWeight(widths=widths.to(torch.uint8), codes=codes, codebooks=codebooks,
+                      outlier_rows=parsed.outlier_rows, outlier_cols=parsed.outlier_cols,
+                      outlier_values=parsed.outlier_values, codebook_format=parsed.codebook_format,
+                      int8_grid=parsed.grid)
 
 
 class PackedLinear(nn.Module):
@@ -156,6 +189,10 @@ class PackedLinear(nn.Module):
                 self._buffers[name] = buffer.to(moved.device)
         self._native = None
         return self
+
+    def validate(self, where: str = "layer") -> None:
+        """Raise FormatError on any inconsistency of the stored tensors."""
+        self.quantized_weight(where)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._native = None
@@ -216,17 +253,25 @@ class CMPQLinear(PackedLinear):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def prepare_native(self):
-        """The kernels' view of this layer (stored-order codebooks in float32, outlier deltas)."""
-        from cmpq.kernels.native import prepare
+    def validate(self, where: str = "layer") -> None:
+        """Raise FormatError on any inconsistency of the stored tensors (cheap: the codes are not unpacked)."""
+        parse_cmpq(dict(self.named_buffers(recurse=False)), self.out_features, self.in_features, where)
 
-        qw = self.quantized_weight()
-        widths = qw.widths.long()
-        order = stored_order(widths)
-        entries = torch.cat([qw.codebooks[j, : 2 ** int(widths[j])] for j in order.tolist()])
-        replaced = qw.codebooks[qw.outlier_cols, qw.codes[qw.outlier_rows, qw.outlier_cols].long()]
-        return prepare(self.codes, widths[order], order, entries, self.out_features, self.in_features,
-                       qw.outlier_rows, qw.outlier_cols, qw.outlier_values, replaced)
+    def prepare_native(self):
+        """The kernels' view of this layer: stored-order codebooks in float32 and outlier deltas (value minus
+        the codebook entry it replaces, read from the bit planes at the outlier positions only)."""
+        parsed = parse_cmpq(dict(self.named_buffers(recurse=False)), self.out_features, self.in_features)
+        stored_widths = parsed.stored_widths
+        position = torch.empty_like(parsed.order)
+        position[parsed.order] = torch.arange(parsed.order.numel())
+        sizes = 2 ** stored_widths
+        offsets = torch.cumsum(sizes, 0) - sizes
+        stored_col = position[parsed.outlier_cols]
+        codes = codes_at(parsed.planes, stored_widths, parsed.outlier_rows, stored_col)
+        replaced = parsed.entries[offsets[stored_col] + codes]
+        return native.prepare(parsed.planes, stored_widths, parsed.order, parsed.entries, self.out_features,
+                              self.in_features, parsed.outlier_rows, parsed.outlier_cols, parsed.outlier_values,
+                              replaced)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

@@ -141,7 +141,7 @@ class CmpqHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for name, module in model.named_modules():
             if isinstance(module, QUANTIZED_MODULES):
-                module.quantized_weight(where=name)  # raises FormatError on any inconsistency
+                module.validate(where=name)  # raises FormatError on any inconsistency
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:
