@@ -143,6 +143,22 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err  # refused before loading or quantizing anything
     assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
     assert "tokens/s" in capsys.readouterr().err
+    assert main(["generate", "--model", str(out), "--prompt", "hello", "--chat"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+
+
+def test_chat_prompts_go_through_the_template(quantized):
+    from cmpq.generate import prompt_ids
+
+    tokenizer = quantized[0].tokenizer
+    plain = prompt_ids(tokenizer, "hello", chat=False)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}{% endfor %} <assistant>"
+    try:
+        chat = prompt_ids(tokenizer, "hello", chat=True)
+    finally:
+        tokenizer.chat_template = None
+    assert chat.dim() == 2 and chat.shape[1] > plain.shape[1]
+    assert "hello" in tokenizer.decode(chat[0]) and "user" in tokenizer.decode(chat[0])
 
 
 def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path):

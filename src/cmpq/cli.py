@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Greedy (or sampled) generation with a KV cache; prints the text and the decode "
                                    "speed in tokens/s.")
     g.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP + ", or a directory saved by cmpq")
-    g.add_argument("--prompt", required=True, help="the prompt text (chat models: plain text is used as is)")
+    g.add_argument("--prompt", required=True, help="the prompt text, continued as plain text unless --chat")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the tokenizer's chat template (instruct models "
+                        "such as the bundled SmolLM2-135M-Instruct answer much better this way)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples with this temperature")
@@ -277,7 +280,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from cmpq.models.load import load_model
 
     loaded = load_model(args.model)
-    result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.chat)
     print(result.text)
     print(f"[{result.new_tokens} tokens in {result.decode_seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
           f"decode, prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s]", file=sys.stderr)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cmpq.errors import ConfigError
 from cmpq.models.load import LoadedModel
 
 
@@ -67,11 +68,23 @@ def generate_ids(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
     return torch.cat(out), prefill, decode
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """(1, t) token ids of `prompt`, as a user turn of the tokenizer's chat template with `chat`."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt").input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--chat: this model's tokenizer has no chat template; drop --chat to continue plain text")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+
 def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0) -> Generation:
-    """Continue `prompt` by up to `max_new_tokens` tokens (stops at the end-of-sequence token)."""
+             seed: int = 0, chat: bool = False) -> Generation:
+    """Continue `prompt` (or answer it, with `chat`) by up to `max_new_tokens` tokens (stops at the
+    end-of-sequence token)."""
     tokenizer = loaded.tokenizer
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = prompt_ids(tokenizer, prompt, chat)
     new, prefill, decode = generate_ids(loaded.model, ids, max_new_tokens, temperature, seed,
                                         getattr(tokenizer, "eos_token_id", None))
     return Generation(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
