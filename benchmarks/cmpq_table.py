@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, Cell, Store, record_key  # noqa: E402
+from store import RESULTS, Cell, Store, record_key, update_readme  # noqa: E402
 
 from cmpq.config import CalibConfig, EvalConfig  # noqa: E402
 from cmpq.quantizers.cmpq.quantizer import PRESETS  # noqa: E402
@@ -100,12 +100,7 @@ def main() -> None:
         store.run(chosen, MODEL, calib, eval_config)
     markdown = render(store, calib, eval_config.protocol)
     (RESULTS / "cmpq_table.md").write_text(markdown, encoding="utf-8")
-    readme = Path(__file__).parents[1] / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    start, end = "<!-- table:start -->\n", "<!-- table:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        readme.write_text(head + start + markdown + end + rest.split(end, 1)[1], encoding="utf-8")
+    update_readme("table", markdown)
     print(markdown)
 
 

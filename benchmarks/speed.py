@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from store import RESULTS, update_readme  # noqa: E402
+
 CHECKOUT = Path(__file__).resolve().parent.parent
-RESULTS = CHECKOUT / "benchmarks" / "results"
 MODELS = CHECKOUT / "runs" / "speed"
 # name -> extra `cmpq quantize` options (quick calibration, CMPQ's best setting)
 VARIANTS = {"cmpq-2.5": ["--bits", "2.5"], "cmpq-3": ["--bits", "3"], "cmpq-4": ["--bits", "4"],
@@ -53,11 +55,14 @@ def file_table(paths: list[Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render", action="store_true", help="only copy the stored tables into the README")
     parser.add_argument("--models", default=",".join(VARIANTS), help="variants to compare with float (default: all)")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--new-tokens", default="64")
     parser.add_argument("--repeats", default="5")
     args = parser.parse_args()
+    if args.render:
+        return render_readme()
     paths = ensure_models([m for m in args.models.split(",") if m])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "files.md").write_text(file_table(paths), encoding="utf-8")
@@ -65,6 +70,15 @@ def main() -> None:
         cmpq("bench", "kernels", "--out", str(RESULTS))
     cmpq("bench", "decode", "--models", ",".join(["smollm2-135m", *map(str, paths)]), "--out", str(RESULTS),
          "--new-tokens", args.new_tokens, "--repeats", args.repeats)
+    render_readme()
+
+
+def render_readme() -> None:
+    """Copy the result tables into the README's marked blocks."""
+    for block, name in (("kernels", "kernels.md"), ("decode", "decode.md"), ("files", "files.md")):
+        path = RESULTS / name
+        if path.is_file():
+            update_readme(block, path.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ from cmpq.models.load import LoadedModel, load_model
 from cmpq.quantizers import get_quantizer
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parents[1] / "README.md"
+
+
+def update_readme(block: str, markdown: str) -> None:
+    """Replace the README's text between `<!-- block:start -->` and `<!-- block:end -->` (if both are there)."""
+    text = README.read_text(encoding="utf-8")
+    start, end = f"<!-- {block}:start -->\n", f"<!-- {block}:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        README.write_text(head + start + markdown.rstrip("\n") + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -136,5 +136,8 @@ def test_cli_quantize_head(tmp_path, capsys):
     record = json.loads((tmp_path / "r.jsonl").read_text())
     assert record["head"]["bpw"] <= 6 and record["head"]["name"] == "lm_head"
     assert "lm_head.weight" not in json.dumps(record["unquantized"])
+    assert main(["inspect", str(tmp_path / "r.jsonl")]) == 0
+    shown = capsys.readouterr().out
+    assert "in 14 layers" in shown and "head lm_head (reported apart" in shown
     assert main(["quantize", "--model", str(source), "--bits", "3", "--quantize-head", "12", "--eval", "none"]) == 2
     assert "between 1 and 8" in capsys.readouterr().err

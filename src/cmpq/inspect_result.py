@@ -42,8 +42,13 @@ def layer_table(record: dict[str, Any]) -> str:
                      f"{layer['bits']['code_bpw']:>6.3f} {layer['outliers']:>6}  {hist}")
     bits = record["bits"]
     parts = ", ".join(f"{k} {bits[k] / bits['weights']:.4f}" for k in ("codes", "params", "outliers", "indices", "maps"))
+    head = record.get("head")
+    blocks = len(record["layers"]) - (head is not None)
     lines += ["", f"{record['method']} target {record['target_bits']}: honest {record['bpw']:.4f} bpw "
-                  f"({parts}) over {record['quantized_weights']:,} weights in {len(record['layers'])} layers"]
+                  f"({parts}) over {record['quantized_weights']:,} weights in {blocks} layers"]
+    if head:
+        lines.append(f"head {head['name']} (reported apart, target {head['target_bits']}): honest {head['bpw']:.4f} "
+                     f"bpw, {head['bytes']:,} bytes")
     return "\n".join(lines)
 
 
