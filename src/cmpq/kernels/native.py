@@ -98,6 +98,10 @@ class PreparedLayer:
         # Decode calls this layer once per token: the pointers of its fixed tensors and the table scratch are
         # taken once here, so a call only converts x, y and the options.
         self._tables = torch.empty(MAX_BATCH * self.table_size + _PAD, dtype=torch.float32)
+        self._order64 = self.order.long()
+        position = torch.empty(self.cols, dtype=torch.int64)  # stored position of each original column
+        position[self.order.long()] = torch.arange(self.cols)
+        self._outlier_flat = position[self.ocol.long()] * self.rows + self.outlier_rows  # index into weight_t
         self._fixed = (self.table_size, self.rows, self.cols, _ptr(self.planes), _ptr(self.order), _ptr(self.widths),
                        _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.orow), _ptr(self.ocol),
                        _ptr(self.odelta))
@@ -121,14 +125,12 @@ class PreparedLayer:
         if status != 0:
             raise RuntimeError(f"cmpq_dequant_t failed (isa {isa})")
         if self.outlier_values.numel():
-            inverse = torch.empty_like(self.order)
-            inverse[self.order.long()] = torch.arange(self.cols, dtype=torch.int32)
-            wt[inverse[self.ocol.long()].long(), self.outlier_rows] = self.outlier_values
+            wt.view(-1)[self._outlier_flat] = self.outlier_values
         return wt
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
         """x (n, cols) -> (n, rows) through a dequantized tile and a dense matmul (prefill)."""
-        y = x[:, self.order.long()] @ self.weight_t(isa, threads)
+        y = x[:, self._order64] @ self.weight_t(isa, threads)
         return y if bias is None else y + bias
 
 
