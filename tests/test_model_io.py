@@ -12,6 +12,7 @@ from cmpq.models.arch import find_arch
 from cmpq.models.load import LoadedModel
 from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
 from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.packed.hf import FORMAT_VERSION
 from cmpq.packed.model_io import WEIGHTS, load, save_quantized
 from cmpq.pipeline import quantize_model
 from cmpq.quantizers import get_quantizer
@@ -63,7 +64,7 @@ def test_file_size_equals_the_accounting_plus_unquantized_tensors(quantized):
     # safetensors adds a JSON header; width maps round up to whole bytes
     assert abs(size - unquantized_bytes - quantized_bytes) <= 0.01 * quantized_bytes + 16_384
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "cmpq" and config["format_version"] == 1
+    assert config["quant_method"] == "cmpq" and config["format_version"] == FORMAT_VERSION == 2
     assert config["bpw"] == pytest.approx(result.storage().bpw) and config["target_bits"] == 3.0
 
 

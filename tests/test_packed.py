@@ -5,7 +5,7 @@ import torch
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.errors import FormatError
-from cmpq.packed.bitplanes import pack_planes, pack_stream, padded_rows, unpack_planes, unpack_stream
+from cmpq.packed.codes import pack_codes, pack_stream, padded_rows, unpack_codes, unpack_stream
 from cmpq.packed.cmpq_layer import CMPQLinear, unpack_cmpq
 from cmpq.quantizers import get_quantizer
 
@@ -16,24 +16,26 @@ def random_codes(rows, widths, seed=0):
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 50, 64])
-def test_bit_planes_round_trip_every_width(rows):
+def test_packed_codes_round_trip_every_width(rows):
     widths = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 3, 3, 1, 8])
     codes = random_codes(rows, widths)
-    planes = pack_planes(codes, widths)
+    planes = pack_codes(codes, widths)
     assert planes.dtype == torch.uint16 and planes.shape == (padded_rows(rows) // 16, int(widths.sum()))
-    assert torch.equal(unpack_planes(planes, widths, rows), codes)
+    assert torch.equal(unpack_codes(planes, widths, rows), codes)
 
 
-def test_bit_planes_layout_is_one_word_per_bit_and_16_rows():
+def test_codes_are_row_packed_little_endian_in_16_row_groups():
     codes = torch.zeros(16, 1, dtype=torch.long)
-    codes[3, 0] = 0b101  # row 3: bits 0 and 2 set
-    planes = pack_planes(codes, torch.tensor([3]))
-    assert planes.int().tolist() == [[1 << 3, 0, 1 << 3]]
+    codes[3, 0] = 0b101  # row 3 of a 3-bit column: bits 9..11 of the group's 48-bit string
+    codes[5, 0] = 0b011  # row 5: bits 15..17, across the first and second word
+    packed = pack_codes(codes, torch.tensor([3]))
+    string = 0b101 << 9 | 0b011 << 15
+    assert packed.int().tolist() == [[string & 0xFFFF, (string >> 16) & 0xFFFF, 0]]
 
 
 def test_codes_that_do_not_fit_their_width_are_refused():
     with pytest.raises(ValueError, match="does not fit"):
-        pack_planes(torch.tensor([[4]]), torch.tensor([2]))
+        pack_codes(torch.tensor([[4]]), torch.tensor([2]))
 
 
 @pytest.mark.parametrize("bits", [1, 3, 7])
@@ -93,7 +95,7 @@ def test_corrupt_layers_fail_with_a_clear_message(name, make, message):
 
 def test_codes_of_another_dtype_and_duplicate_outliers_are_refused():
     tensors = dict(CMPQLinear.from_weight(quantized_layer(act=0.01)).named_buffers())
-    with pytest.raises(FormatError, match="16-bit bit planes"):
+    with pytest.raises(FormatError, match="16-bit words"):
         unpack_cmpq({**tensors, "codes": tensors["codes"].view(torch.uint8)}, 40, 56)
     cols = tensors["outlier_cols"].clone()
     rowptr = tensors["outlier_rowptr"].long()

@@ -43,7 +43,7 @@ def test_rtn_honest_bits_match_protocol_example():
 def test_rtn_storage_counts_partial_groups():
     qw = quantize_uniform(torch.randn(10, 100), 3, 32)  # 4 groups per row, the last of 4 columns
     bits = qw.storage()
-    assert bits.codes == 16 * 100 * 3  # codes are stored in whole 16-row groups (bit planes)
+    assert bits.codes == 16 * 100 * 3  # codes are stored in whole 16-row groups
     assert bits.params == 10 * math.ceil(100 / 32) * (16 + 3)
 
 

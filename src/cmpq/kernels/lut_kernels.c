@@ -1,17 +1,18 @@
-/* Mixed-precision LUT kernels for packed CMPQ layers (see cmpq/packed/cmpq_layer.py for the format).
+/* Mixed-precision LUT kernels for packed CMPQ layers (see cmpq/packed/cmpq_layer.py and codes.py for the format).
  *
- * A layer stores, per group of 16 output rows and per stored column i (columns sorted by width), w_i bit
- * planes of 16 bits. Stored column i is original input column order[i] and has the codebook
- * codebooks[cb_offset[i] .. + 2^w_i].
+ * A layer stores, per group of 16 output rows and per stored column i (columns sorted by width), w_i words of
+ * 16 bits holding the 16 codes as one little-endian bit string (row r at bits [r*w, r*w + w)). Stored column i
+ * is original input column order[i] and has the codebook codebooks[cb_offset[i] .. + 2^w_i]. The caller pads
+ * the code array by 8 bytes: the SIMD paths read whole 64-bit windows.
  *
  * lut_gemv (decode, batch 1..8): tables T_b[i][c] = codebook_i[c] * x_b[order[i]] are built once per call;
- * each output is then a sum of table look-ups. AVX-512: the w planes of 16 rows become 16 table indices by
- * masked adds (kmovw + vpaddd{k}), and vpermps looks the 16 values up in one register (widths above 4 bits
- * use vpermi2ps on 32 entries and blend on the higher planes). Sparse outliers (CSR, delta = value minus the
- * codebook value they replace) are added per row. dequant_t (prefill): the weight, transposed and in stored
- * column order, for a dense matmul.
+ * each output is then a sum of table look-ups. AVX-512 (with VBMI): one vpmultishiftqb turns a 64-bit window
+ * of codes into 16 table indices (rows 0..7 start at bit 0, rows 8..15 at byte w), and vpermps looks the 16
+ * values up in one register (widths above 4 bits use vpermi2ps on 32 entries and blend on the higher bits).
+ * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row. dequant_t
+ * (prefill): the weight, transposed and in stored column order, for a dense matmul.
  *
- * Runtime dispatch: isa 2 = AVX-512 (F+BW), 1 = AVX2, 0 = portable C; -1 picks the best this CPU supports.
+ * Runtime dispatch: isa 2 = AVX-512 (F+BW+VBMI), 1 = AVX2, 0 = portable C; -1 picks the best this CPU supports.
  * No Python or torch headers: called through ctypes with raw pointers.
  */
 #include <stdint.h>
@@ -29,8 +30,8 @@
 #define MAX_BATCH 8
 
 typedef struct {
-    int64_t rows, cols, groups, words;      /* words: uint16 planes per 16-row group (sum of widths) */
-    const uint16_t *planes;                  /* (groups, words) */
+    int64_t rows, cols, groups, words;      /* words: uint16 words per 16-row group (sum of widths) */
+    const uint16_t *codes;                   /* (groups, words), row-packed, + 8 bytes of padding */
     const int32_t *order;                    /* (cols) stored column -> original column */
     const uint8_t *widths;                   /* (cols) width of each stored column */
     const float *codebooks;                  /* flat, stored order */
@@ -43,7 +44,9 @@ typedef struct {
 int cmpq_isa_supported(int isa) {
 #ifdef CMPQ_X86
     __builtin_cpu_init();
-    if (isa == 2) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    if (isa == 2)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vbmi");
     if (isa == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     return isa == 0;
@@ -82,18 +85,31 @@ static void add_outliers_and_bias(const layer_t *L, const float *x, int64_t batc
 }
 
 /* ---- portable C ---- */
+static inline uint64_t load64(const void *p) {
+    uint64_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+/* code of row r (0..15) in the w words at p */
+static inline int code_at(const uint16_t *p, int r, int w) {
+    const int bit = r * w, word = bit >> 4, shift = bit & 15;
+    uint32_t v = p[word];
+    if (shift + w > 16) v |= (uint32_t)p[word + 1] << 16;
+    return (int)((v >> shift) & ((1u << w) - 1));
+}
+
 static void gemv_portable(const layer_t *L, const float *T, int64_t tsize, int64_t batch, float *y, int64_t g0,
                           int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
         float acc[MAX_BATCH][GROUP];
         memset(acc, 0, sizeof(acc));
-        const uint16_t *p = L->planes + g * L->words;
+        const uint16_t *p = L->codes + g * L->words;
         for (int64_t i = 0; i < L->cols; ++i) {
             const int w = L->widths[i];
             const int64_t off = L->cb_offset[i];
             for (int lane = 0; lane < GROUP; ++lane) {
-                int idx = 0;
-                for (int k = 0; k < w; ++k) idx |= ((p[k] >> lane) & 1) << k;
+                const int idx = code_at(p, lane, w);
                 for (int64_t b = 0; b < batch; ++b) acc[b][lane] += T[b * tsize + off + idx];
             }
             p += w;
@@ -108,14 +124,12 @@ static void gemv_portable(const layer_t *L, const float *T, int64_t tsize, int64
 
 static void dequant_portable(const layer_t *L, float *Wt, int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-        const uint16_t *p = L->planes + g * L->words;
+        const uint16_t *p = L->codes + g * L->words;
         for (int64_t i = 0; i < L->cols; ++i) {
             const int w = L->widths[i];
             for (int lane = 0; lane < GROUP; ++lane) {
                 const int64_t r = g * GROUP + lane;
-                int idx = 0;
-                for (int k = 0; k < w; ++k) idx |= ((p[k] >> lane) & 1) << k;
-                if (r < L->rows) Wt[i * L->rows + r] = L->codebooks[L->cb_offset[i] + idx];
+                if (r < L->rows) Wt[i * L->rows + r] = L->codebooks[L->cb_offset[i] + code_at(p, lane, w)];
             }
             p += w;
         }
@@ -123,67 +137,55 @@ static void dequant_portable(const layer_t *L, float *Wt, int64_t g0, int64_t g1
 }
 
 #ifdef CMPQ_X86
-/* ---- AVX-512 ---- */
-__attribute__((target("avx512f,avx512bw"))) static inline __m512i decode512(const uint16_t *p, int w) {
-    __m512i idx = _mm512_maskz_mov_epi32((__mmask16)p[0], _mm512_set1_epi32(1));
-    for (int k = 1; k < w; ++k)
-        idx = _mm512_mask_add_epi32(idx, (__mmask16)p[k], idx, _mm512_set1_epi32(1 << k));
-    return idx;
+/* ---- AVX-512 with VBMI ---- */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+
+/* multishift control: the low byte of dword lane r takes 8 bits from row r's offset in its 64-bit window
+ * (rows 0..7: window at byte 0; rows 8..15: window at byte w, or the same window when 16 rows fit in it) */
+T512 static inline __m512i ctrl512(int w) {
+    uint8_t c[64] = {0};
+    for (int r = 0; r < GROUP; ++r) c[4 * r] = (uint8_t)(w <= 4 ? r * w : (r & 7) * w);
+    return _mm512_loadu_si512(c);
 }
 
-/* 16 look-ups of table t (2^w entries) at idx; higher planes select among 32-entry halves */
-__attribute__((target("avx512f,avx512bw"))) static inline __m512 lookup512(const float *t, __m512i idx, int w,
-                                                                          const uint16_t *p) {
-    if (w <= 4) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(t));
-    __m512 v = _mm512_permutex2var_ps(_mm512_loadu_ps(t), idx, _mm512_loadu_ps(t + 16));
-    if (w == 5) return v;
-    /* w >= 6: recurse over 32-entry blocks; plane k (k >= 5) picks the upper half of 2^(k+1) entries */
+T512 static inline __m512i window512(const uint16_t *p, int w) {
+    if (w <= 4) return _mm512_set1_epi64((long long)load64(p));
+    const __m256i lo = _mm256_set1_epi64x((long long)load64(p));
+    const __m256i hi = _mm256_set1_epi64x((long long)load64((const uint8_t *)p + w));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* 16 table indices (code in the low w bits of each dword; higher bits are other rows' bits) */
+T512 static inline __m512i decode512(const uint16_t *p, int w, __m512i ctrl) {
+    return _mm512_multishift_epi64_epi8(ctrl, window512(p, w));
+}
+
+/* 16 look-ups of table t (2^w entries) at idx */
+T512 static inline __m512 lookup512(const float *t, __m512i idx, int w) {
+    if (w < 4) return _mm512_permutexvar_ps(_mm512_and_si512(idx, _mm512_set1_epi32((1 << w) - 1)),
+                                            _mm512_loadu_ps(t));
+    if (w == 4) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(t));
     __m512 parts[8];
     const int blocks = 1 << (w - 5);
-    parts[0] = v;
-    for (int j = 1; j < blocks; ++j)
+    for (int j = 0; j < blocks; ++j)
         parts[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(t + 32 * j), idx, _mm512_loadu_ps(t + 32 * j + 16));
-    for (int k = 5, n = blocks; k < w; ++k, n >>= 1)
-        for (int j = 0; j < n / 2; ++j)
-            parts[j] = _mm512_mask_mov_ps(parts[2 * j], (__mmask16)p[k], parts[2 * j + 1]);
+    for (int k = 5, n = blocks; k < w; ++k, n >>= 1) {  /* bit k picks the upper half of 2^(k+1) entries */
+        const __mmask16 upper = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(1 << k));
+        for (int j = 0; j < n / 2; ++j) parts[j] = _mm512_mask_mov_ps(parts[2 * j], upper, parts[2 * j + 1]);
+    }
     return parts[0];
 }
 
 /* Batch 1, four 16-row groups per pass, one segment of columns of the same width W: the column's table is
- * loaded into registers once for 64 rows, the planes are read straight into mask registers (kmovw k, m16: a
- * load, not a shuffle-port uop) and W is a compile-time constant, so the plane loops unroll without branches.
- * W <= 4: one vpermps on a 16-entry register; W = 5: one vpermi2ps on 32 entries; W > 5: one vpermi2ps per
- * 32-entry block, then planes 5.. select between blocks by masked moves (the index keeps only 5 bits). */
+ * loaded into registers once for 64 rows and W is a compile-time constant, so every branch folds away. Per 16
+ * weights: one window load, one vpmultishiftqb, one vpermps (vpermi2ps above 4 bits), one add. */
 #define DEF_SEG512(W)                                                                                           \
-    __attribute__((target("avx512f,avx512bw"))) static inline const uint16_t *seg512_##W(                     \
-        const float *t, int64_t n, const uint16_t *p, int64_t words, __m512 acc[4]) {                           \
-        const __m512i one = _mm512_set1_epi32(1);                                                               \
-        enum { LOW = W < 5 ? W : 5, REGS = W <= 4 ? 1 : (1 << (W - 4)) };                                       \
-        for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W) {                                                  \
-            __m512 tab[REGS];                                                                                   \
-            for (int r = 0; r < REGS; ++r) tab[r] = _mm512_loadu_ps(t + 16 * r);                                \
-            for (int j = 0; j < 4; ++j) {                                                                       \
-                const uint16_t *q = p + j * words;                                                              \
-                __m512i idx = _mm512_maskz_mov_epi32(_load_mask16((__mmask16 *)q), one);                        \
-                for (int k = 1; k < LOW; ++k)                                                                   \
-                    idx = _mm512_mask_add_epi32(idx, _load_mask16((__mmask16 *)(q + k)), idx,                   \
-                                                _mm512_set1_epi32(1 << k));                                     \
-                __m512 v;                                                                                       \
-                if (W <= 4) {                                                                                   \
-                    v = _mm512_permutexvar_ps(idx, tab[0]);                                                     \
-                } else {                                                                                        \
-                    __m512 part[REGS / 2];                                                                      \
-                    for (int b = 0; b < REGS / 2; ++b)                                                          \
-                        part[b] = _mm512_permutex2var_ps(tab[2 * b], idx, tab[2 * b + 1]);                      \
-                    for (int k = 5, m = REGS / 2; k < W; ++k, m >>= 1)                                          \
-                        for (int b = 0; b < m / 2; ++b)                                                         \
-                            part[b] = _mm512_mask_mov_ps(part[2 * b], _load_mask16((__mmask16 *)(q + k)),       \
-                                                         part[2 * b + 1]);                                      \
-                    v = part[0];                                                                                \
-                }                                                                                               \
-                acc[j] = _mm512_add_ps(acc[j], v);                                                              \
-            }                                                                                                   \
-        }                                                                                                       \
+    T512 static inline const uint16_t *seg512_##W(const float *t, int64_t n, const uint16_t *p, int64_t words,   \
+                                                  __m512 acc[4]) {                                              \
+        const __m512i ctrl = ctrl512(W);                                                                        \
+        for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W)                                                    \
+            for (int j = 0; j < 4; ++j)                                                                         \
+                acc[j] = _mm512_add_ps(acc[j], lookup512(t, decode512(p + j * words, W, ctrl), W));           \
         return p;                                                                                               \
     }
 DEF_SEG512(1)
@@ -195,14 +197,13 @@ DEF_SEG512(6)
 DEF_SEG512(7)
 DEF_SEG512(8)
 
-__attribute__((target("avx512f,avx512bw"))) static void gemv_avx512(const layer_t *L, const float *T,
-                                                                    int64_t tsize, int64_t batch, float *y,
-                                                                    int64_t g0, int64_t g1) {
+T512 static void gemv_avx512(const layer_t *L, const float *T, int64_t tsize, int64_t batch, float *y, int64_t g0,
+                             int64_t g1) {
     int64_t g = g0;
     if (batch == 1) {
         for (; g + 4 <= g1; g += 4) {
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            const uint16_t *p = L->planes + g * L->words;
+            const uint16_t *p = L->codes + g * L->words;
             for (int64_t i = 0; i < L->cols;) {  /* segments of equal width (columns are stored sorted) */
                 const int w = L->widths[i];
                 int64_t n = 1;
@@ -227,15 +228,17 @@ __attribute__((target("avx512f,avx512bw"))) static void gemv_avx512(const layer_
             }
         }
     }
+    __m512i ctrls[9];
+    for (int w = 1; w <= 8; ++w) ctrls[w] = ctrl512(w);
     for (; g < g1; ++g) {
         __m512 acc[MAX_BATCH];
         for (int64_t b = 0; b < batch; ++b) acc[b] = _mm512_setzero_ps();
-        const uint16_t *p = L->planes + g * L->words;
+        const uint16_t *p = L->codes + g * L->words;
         for (int64_t i = 0; i < L->cols; ++i) {
             const int w = L->widths[i];
-            const __m512i idx = decode512(p, w);
+            const __m512i idx = decode512(p, w, ctrls[w]);
             for (int64_t b = 0; b < batch; ++b)
-                acc[b] = _mm512_add_ps(acc[b], lookup512(T + b * tsize + L->cb_offset[i], idx, w, p));
+                acc[b] = _mm512_add_ps(acc[b], lookup512(T + b * tsize + L->cb_offset[i], idx, w));
             p += w;
         }
         const int64_t r = g * GROUP, left = L->rows - r;
@@ -244,31 +247,32 @@ __attribute__((target("avx512f,avx512bw"))) static void gemv_avx512(const layer_
     }
 }
 
-__attribute__((target("avx512f,avx512bw"))) static void dequant_avx512(const layer_t *L, float *Wt, int64_t g0,
-                                                                       int64_t g1) {
+T512 static void dequant_avx512(const layer_t *L, float *Wt, int64_t g0, int64_t g1) {
+    __m512i ctrls[9];
+    for (int w = 1; w <= 8; ++w) ctrls[w] = ctrl512(w);
     for (int64_t g = g0; g < g1; ++g) {
-        const uint16_t *p = L->planes + g * L->words;
+        const uint16_t *p = L->codes + g * L->words;
         const int64_t r = g * GROUP, left = L->rows - r;
         const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
         for (int64_t i = 0; i < L->cols; ++i) {
             const int w = L->widths[i];
-            const __m512 v = lookup512(L->codebooks + L->cb_offset[i], decode512(p, w), w, p);
+            const __m512 v = lookup512(L->codebooks + L->cb_offset[i], decode512(p, w, ctrls[w]), w);
             _mm512_mask_storeu_ps(Wt + i * L->rows + r, m, v);
             p += w;
         }
     }
 }
 
-/* ---- AVX2: 8 rows at a time (one byte of each plane); vpermps holds 8 entries ---- */
+/* ---- AVX2: 8 rows at a time (rows 8h..8h+7 start at byte h*w); vpermps holds 8 entries ---- */
 __attribute__((target("avx2,fma"))) static inline __m256i decode256(const uint16_t *p, int w, int half) {
-    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    __m256i idx = _mm256_setzero_si256();
-    for (int k = 0; k < w; ++k) {
-        const __m256i word = _mm256_set1_epi32((p[k] >> (8 * half)) & 0xFF);
-        const __m256i bit = _mm256_cmpeq_epi32(_mm256_and_si256(word, lanes), lanes);
-        idx = _mm256_or_si256(idx, _mm256_and_si256(bit, _mm256_set1_epi32(1 << k)));
-    }
-    return idx;
+    const uint64_t window = load64((const uint8_t *)p + half * w);
+    const __m256i lo = _mm256_set1_epi32((int)(uint32_t)window), hi = _mm256_set1_epi32((int)(window >> 32));
+    const __m256i shift = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(w));
+    const __m256i thirty_two = _mm256_set1_epi32(32);
+    /* shift counts of 32 or more (and negative ones, as unsigned) give 0 */
+    __m256i idx = _mm256_or_si256(_mm256_srlv_epi32(lo, shift), _mm256_sllv_epi32(hi, _mm256_sub_epi32(thirty_two, shift)));
+    idx = _mm256_or_si256(idx, _mm256_srlv_epi32(hi, _mm256_sub_epi32(shift, thirty_two)));
+    return _mm256_and_si256(idx, _mm256_set1_epi32((1 << w) - 1));
 }
 
 __attribute__((target("avx2,fma"))) static inline __m256 lookup256(const float *t, __m256i idx, int w) {
@@ -291,7 +295,7 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const layer_t *L, cons
             if (r >= L->rows) break;
             __m256 acc[MAX_BATCH];
             for (int64_t b = 0; b < batch; ++b) acc[b] = _mm256_setzero_ps();
-            const uint16_t *p = L->planes + g * L->words;
+            const uint16_t *p = L->codes + g * L->words;
             for (int64_t i = 0; i < L->cols; ++i) {
                 const int w = L->widths[i];
                 const __m256i idx = decode256(p, w, half);
@@ -314,13 +318,13 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const layer_t *L, cons
 }
 #endif
 
-static void make_layer(layer_t *L, int64_t rows, int64_t cols, const uint16_t *planes, const int32_t *order,
+static void make_layer(layer_t *L, int64_t rows, int64_t cols, const uint16_t *codes, const int32_t *order,
                        const uint8_t *widths, const float *codebooks, const int64_t *cb_offset, const int32_t *orow,
                        const int32_t *ocol, const float *odelta, const float *bias) {
     L->rows = rows; L->cols = cols; L->groups = (rows + GROUP - 1) / GROUP;
     L->words = 0;
     for (int64_t i = 0; i < cols; ++i) L->words += widths[i];
-    L->planes = planes; L->order = order; L->widths = widths; L->codebooks = codebooks; L->cb_offset = cb_offset;
+    L->codes = codes; L->order = order; L->widths = widths; L->codebooks = codebooks; L->cb_offset = cb_offset;
     L->orow = orow; L->ocol = ocol; L->odelta = odelta; L->bias = bias;
 }
 
@@ -337,13 +341,13 @@ static int threads_for(int nthreads) {
 /* y (batch, rows) = x (batch, cols) W^T (+ bias); tables: scratch of batch * table_size floats (+16 padding).
  * Returns 0, or -1 for an unsupported isa / batch. */
 int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_t table_size, int64_t rows,
-                  int64_t cols, const uint16_t *planes, const int32_t *order, const uint8_t *widths,
+                  int64_t cols, const uint16_t *codes, const int32_t *order, const uint8_t *widths,
                   const float *codebooks, const int64_t *cb_offset, const int32_t *orow, const int32_t *ocol,
                   const float *odelta, const float *bias, int isa, int nthreads) {
     if (isa < 0) isa = cmpq_best_isa();
     if (!cmpq_isa_supported(isa) || batch < 1 || batch > MAX_BATCH) return -1;
     layer_t L;
-    make_layer(&L, rows, cols, planes, order, widths, codebooks, cb_offset, orow, ocol, odelta, bias);
+    make_layer(&L, rows, cols, codes, order, widths, codebooks, cb_offset, orow, ocol, odelta, bias);
     build_tables(&L, x, batch, tables, table_size);
     const int threads = threads_for(nthreads);
     (void)threads;
@@ -365,12 +369,12 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
 }
 
 /* Wt (cols, rows): the dequantized weight, transposed, columns in stored order (outliers not applied). */
-int cmpq_dequant_t(float *Wt, int64_t rows, int64_t cols, const uint16_t *planes, const uint8_t *widths,
+int cmpq_dequant_t(float *Wt, int64_t rows, int64_t cols, const uint16_t *codes, const uint8_t *widths,
                    const float *codebooks, const int64_t *cb_offset, int isa, int nthreads) {
     if (isa < 0) isa = cmpq_best_isa();
     if (!cmpq_isa_supported(isa)) return -1;
     layer_t L;
-    make_layer(&L, rows, cols, planes, NULL, widths, codebooks, cb_offset, NULL, NULL, NULL, NULL);
+    make_layer(&L, rows, cols, codes, NULL, widths, codebooks, cb_offset, NULL, NULL, NULL, NULL);
     const int threads = threads_for(nthreads);
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)

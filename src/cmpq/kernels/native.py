@@ -82,7 +82,7 @@ class PreparedLayer:
 
     rows: int
     cols: int
-    planes: torch.Tensor       # (groups, words) uint16 (int16 storage)
+    codes: torch.Tensor       # (groups * words + 4,) int16 storage of the uint16 words, zero-padded
     order: torch.Tensor        # (cols,) int32
     widths: torch.Tensor       # (cols,) uint8, stored order
     codebooks: torch.Tensor    # flat float32, stored order, padded
@@ -102,7 +102,7 @@ class PreparedLayer:
         position = torch.empty(self.cols, dtype=torch.int64)  # stored position of each original column
         position[self.order.long()] = torch.arange(self.cols)
         self._outlier_flat = position[self.ocol.long()] * self.rows + self.outlier_rows  # index into weight_t
-        self._fixed = (self.table_size, self.rows, self.cols, _ptr(self.planes), _ptr(self.order), _ptr(self.widths),
+        self._fixed = (self.table_size, self.rows, self.cols, _ptr(self.codes), _ptr(self.order), _ptr(self.widths),
                        _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.orow), _ptr(self.ocol),
                        _ptr(self.odelta))
 
@@ -120,7 +120,7 @@ class PreparedLayer:
         """The dequantized weight transposed, rows in stored column order (cols, rows), outliers applied."""
         lib = library()
         wt = torch.empty(self.cols, self.rows, dtype=torch.float32)
-        status = lib.cmpq_dequant_t(_ptr(wt), self.rows, self.cols, _ptr(self.planes), _ptr(self.widths),
+        status = lib.cmpq_dequant_t(_ptr(wt), self.rows, self.cols, _ptr(self.codes), _ptr(self.widths),
                                     _ptr(self.codebooks), _ptr(self.cb_offset), isa, threads)
         if status != 0:
             raise RuntimeError(f"cmpq_dequant_t failed (isa {isa})")
@@ -134,20 +134,22 @@ class PreparedLayer:
         return y if bias is None else y + bias
 
 
-def prepare(planes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entries: torch.Tensor,
+def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entries: torch.Tensor,
             rows: int, cols: int, outlier_rows: torch.Tensor, outlier_cols: torch.Tensor,
             outlier_values: torch.Tensor, replaced: torch.Tensor) -> PreparedLayer:
     """Kernel data from a layer's stored columns: `widths`/`entries` in stored order, `replaced` the codebook
     values the outliers stand in for (so the kernel adds value - replaced)."""
-    if planes.element_size() != 2 or planes.dim() != 2 or planes.shape[1] != int(widths.long().sum()):
-        raise ValueError(f"bit planes must be 16-bit (groups, sum of widths), got {planes.dtype} {tuple(planes.shape)}")
+    if codes.element_size() != 2 or codes.dim() != 2 or codes.shape[1] != int(widths.long().sum()):
+        raise ValueError(f"packed codes must be 16-bit (groups, sum of widths), got {codes.dtype} {tuple(codes.shape)}")
     sizes = 2 ** widths.long()
     offsets = torch.cumsum(sizes, 0) - sizes
     rowptr = torch.zeros(rows + 1, dtype=torch.int32)
     rowptr[1:] = torch.cumsum(torch.bincount(outlier_rows, minlength=rows), 0).to(torch.int32)
     values = outlier_values.float()
     return PreparedLayer(
-        rows=rows, cols=cols, planes=planes.contiguous(), order=order.to(torch.int32).contiguous(),
+        rows=rows, cols=cols, order=order.to(torch.int32).contiguous(),
+        # flat, plus 8 bytes: the SIMD paths read whole 64-bit windows, past the end for the last columns
+        codes=torch.cat([codes.reshape(-1).view(torch.int16), torch.zeros(4, dtype=torch.int16)]),
         widths=widths.to(torch.uint8).contiguous(),
         codebooks=torch.cat([entries.float(), torch.zeros(_PAD, dtype=torch.float32)]).contiguous(),
         cb_offset=offsets.to(torch.int64).contiguous(), orow=rowptr, ocol=outlier_cols.to(torch.int32).contiguous(),

@@ -3,9 +3,9 @@
 Per layer (all little-endian, names relative to the module):
 - `levels` uint8 (n,): the distinct column widths, ascending;
 - `width_map` uint8: each column's index into `levels`, ceil(log2 n) bits per column, in the layer's own
-  column order (a bit stream, `bitplanes.pack_stream`). Columns are stored sorted by width (a stable sort),
+  column order (a bit stream, `codes.pack_stream`). Columns are stored sorted by width (a stable sort),
   so equal widths form contiguous segments; that permutation is derived from the map, never stored;
-- `codes` uint16 (groups, sum of widths): bit planes of 16-row groups, columns in stored order (`bitplanes`);
+- `codes` uint16 (groups, sum of widths): row-packed 16-row groups, columns in stored order (`codes.py`);
 - `codebooks`: each stored column's 2^b entries, concatenated: float16, or uint8 codes of the layer grid
   `grid` float16 (offset, scale), entry = offset + scale * code;
 - `outlier_values` float16, `outlier_cols` (narrowest unsigned type for in_features - 1), `outlier_rowptr`
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from cmpq.errors import FormatError
 from cmpq.kernels import native
-from cmpq.packed.bitplanes import check_planes, codes_at, pack_planes, pack_stream, unpack_planes, unpack_stream
+from cmpq.packed.codes import check_codes, codes_at, pack_codes, pack_stream, unpack_codes, unpack_stream
 from cmpq.quantizers.cmpq.quantizer import CMPQWeight, index_bits
 
 INDEX_DTYPES = {8: torch.uint8, 16: torch.uint16, 32: torch.int32, 64: torch.int64}
@@ -54,7 +54,7 @@ def pack_cmpq(qw: CMPQWeight) -> dict[str, torch.Tensor]:
     tensors = {
         "levels": levels.to(torch.uint8),
         "width_map": pack_stream(torch.searchsorted(levels, widths), map_width(levels.numel())),
-        "codes": pack_planes(qw.codes[:, order], stored_widths),
+        "codes": pack_codes(qw.codes[:, order], stored_widths),
     }
     if qw.codebook_format == "int8":
         lo, scale = qw.int8_grid
@@ -79,11 +79,11 @@ def _check(condition: bool, where: str, message: str) -> None:
 
 @dataclass
 class ParsedCMPQ:
-    """A layer's packed tensors checked and decoded, except the codes (which stay bit planes)."""
+    """A layer's packed tensors checked and decoded, except the codes (which stay packed)."""
 
     widths: torch.Tensor          # (in,) int64, original column order
     order: torch.Tensor           # (in,) int64: stored column i is original column order[i]
-    planes: torch.Tensor          # (groups, sum of widths) uint16 bit planes, stored column order
+    codes: torch.Tensor          # (groups, sum of widths) uint16 row-packed codes, stored column order
     entries: torch.Tensor         # flat float32 codebook entries, stored column order
     codebook_format: str
     grid: tuple[float, float] | None
@@ -114,12 +114,12 @@ def parse_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features:
     _check(bool((index < levels.numel()).all()), where, "width_map points past the width levels")
     widths = levels[index]
     order = stored_order(widths)
-    planes = tensors["codes"]
-    _check(planes.dtype in (torch.uint16, torch.int16) and planes.dim() == 2, where,
-           f"codes must be 16-bit bit planes (groups, words), got {planes.dtype} {tuple(planes.shape)}")
-    planes = planes.view(torch.uint16) if planes.dtype == torch.int16 else planes
+    codes = tensors["codes"]
+    _check(codes.dtype in (torch.uint16, torch.int16) and codes.dim() == 2, where,
+           f"codes must be 16-bit words (groups, sum of widths), got {codes.dtype} {tuple(codes.shape)}")
+    codes = codes.view(torch.uint16) if codes.dtype == torch.int16 else codes
     try:
-        check_planes(planes, widths, out_features)
+        check_codes(codes, widths, out_features)
     except ValueError as exc:
         raise FormatError(f"{where}: codes: {exc}") from None
     sizes = 2 ** widths[order]
@@ -149,7 +149,7 @@ def parse_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features:
     same_row = rows[1:] == rows[:-1]
     _check(bool((cols[1:][same_row] > cols[:-1][same_row]).all()), where,
            "outlier_cols are not strictly increasing within a row (duplicates or unsorted)")
-    return ParsedCMPQ(widths=widths, order=order, planes=planes, entries=entries, codebook_format=codebook_format,
+    return ParsedCMPQ(widths=widths, order=order, codes=codes, entries=entries, codebook_format=codebook_format,
                       grid=grid, outlier_rows=rows, outlier_cols=cols, outlier_values=values)
 
 
@@ -158,7 +158,7 @@ def unpack_cmpq(tensors: dict[str, torch.Tensor], out_features: int, in_features
     """Rebuild the `CMPQWeight` (bit-identical dequantization) from packed tensors (checked by `parse_cmpq`)."""
     parsed = parse_cmpq(tensors, out_features, in_features, where)
     widths, order = parsed.widths, parsed.order
-    stored_codes = unpack_planes(parsed.planes, widths[order], out_features)
+    stored_codes = unpack_codes(parsed.codes, widths[order], out_features)
     sizes = 2 ** widths[order]
     codebooks = torch.zeros(in_features, 2 ** int(widths.max()))
     starts = torch.cumsum(sizes, 0) - sizes
@@ -259,7 +259,7 @@ class CMPQLinear(PackedLinear):
 
     def prepare_native(self):
         """The kernels' view of this layer: stored-order codebooks in float32 and outlier deltas (value minus
-        the codebook entry it replaces, read from the bit planes at the outlier positions only)."""
+        the codebook entry it replaces, read from the packed codes at the outlier positions only)."""
         parsed = parse_cmpq(dict(self.named_buffers(recurse=False)), self.out_features, self.in_features)
         stored_widths = parsed.stored_widths
         position = torch.empty_like(parsed.order)
@@ -267,9 +267,9 @@ class CMPQLinear(PackedLinear):
         sizes = 2 ** stored_widths
         offsets = torch.cumsum(sizes, 0) - sizes
         stored_col = position[parsed.outlier_cols]
-        codes = codes_at(parsed.planes, stored_widths, parsed.outlier_rows, stored_col)
+        codes = codes_at(parsed.codes, stored_widths, parsed.outlier_rows, stored_col)
         replaced = parsed.entries[offsets[stored_col] + codes]
-        return native.prepare(parsed.planes, stored_widths, parsed.order, parsed.entries, self.out_features,
+        return native.prepare(parsed.codes, stored_widths, parsed.order, parsed.entries, self.out_features,
                               self.in_features, parsed.outlier_rows, parsed.outlier_cols, parsed.outlier_values,
                               replaced)
 

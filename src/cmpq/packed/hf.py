@@ -22,7 +22,7 @@ from cmpq.packed.uniform_layer import TENSORS as UNIFORM_TENSORS
 from cmpq.packed.uniform_layer import UniformLinear
 
 QUANT_METHOD = "cmpq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: codes row-packed per 16-row group (1: bit planes)
 LAYER_TENSORS = ("levels", "width_map", "codes", "codebooks", "grid", "outlier_values", "outlier_cols",
                  "outlier_rowptr", *UNIFORM_TENSORS)
 QUANTIZED_MODULES = (CMPQLinear, UniformLinear)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cmpq.errors import FormatError
 from cmpq.packed.cmpq_layer import PackedLinear
-from cmpq.packed.bitplanes import pack_planes, pack_stream, unpack_planes, unpack_stream
+from cmpq.packed.codes import pack_codes, pack_stream, unpack_codes, unpack_stream
 from cmpq.quantizers.rtn import UniformQuantizedWeight
 
 TENSORS = ("codes", "scales", "zeros")
@@ -21,7 +21,7 @@ TENSORS = ("codes", "scales", "zeros")
 
 def pack_uniform(qw: UniformQuantizedWeight) -> dict[str, torch.Tensor]:
     columns = qw.codes.shape[1]
-    return {"codes": pack_planes(qw.codes, torch.full((columns,), qw.bits)),
+    return {"codes": pack_codes(qw.codes, torch.full((columns,), qw.bits)),
             "scales": qw.scale.half().contiguous(),
             "zeros": pack_stream(qw.zero.flatten(), qw.bits)}
 
@@ -37,7 +37,7 @@ def unpack_uniform(tensors: dict[str, torch.Tensor], out_features: int, in_featu
         raise FormatError(f"{where}: scales of shape {tuple(scales.shape)} ({scales.dtype}), expected "
                           f"{(out_features, groups)} float16")
     try:
-        codes = unpack_planes(tensors["codes"], torch.full((in_features,), bits), out_features)
+        codes = unpack_codes(tensors["codes"], torch.full((in_features,), bits), out_features)
         zeros = unpack_stream(tensors["zeros"], bits, out_features * groups).view(out_features, groups)
     except ValueError as exc:
         raise FormatError(f"{where}: {exc}") from None

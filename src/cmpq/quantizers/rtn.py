@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
-from cmpq.packed.bitplanes import padded_rows
+from cmpq.packed.codes import padded_rows
 from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
 from cmpq.quantizers.uniform import fit_minmax_grid, quantize_to_grid
 
@@ -58,7 +58,7 @@ class UniformQuantizedWeight(QuantizedWeight):
     def storage(self) -> BitBreakdown:
         out, cols = self.codes.shape
         groups = self.scale.numel()
-        # codes are stored as bit planes of whole 16-row groups (cmpq.packed.bitplanes)
+        # codes are stored in whole 16-row groups (cmpq.packed.codes)
         return BitBreakdown(weights=out * cols, codes=padded_rows(out) * cols * self.bits,
                             params=groups * (FP16_BITS + self.bits))
 

@@ -20,7 +20,7 @@ import torch
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.errors import CmpqError
-from cmpq.packed.bitplanes import padded_rows
+from cmpq.packed.codes import padded_rows
 from cmpq.quantizers.base import (BUDGET_TOLERANCE_BPW, FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer,
                                   register)
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
