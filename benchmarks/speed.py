@@ -1,5 +1,5 @@
 """Issue 5's speed numbers in one command: packed smollm2-135m models at 2.5 / 3 / 4 honest bpw (and 3 bpw with a
-quantized head) are saved under runs/speed/ (once; reused when present), then `cmpq bench kernels` and
+quantized head) are saved under runs/speed/ (once; reused when present in the current format version), then `cmpq bench kernels` and
 `cmpq bench decode` write benchmarks/results/{kernels,decode}.{jsonl,md}, and the file sizes of the saved
 models with their bpw go to benchmarks/results/files.md.
 
@@ -17,6 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from store import RESULTS, update_readme  # noqa: E402
 
+from cmpq.packed.hf import FORMAT_VERSION  # noqa: E402
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 MODELS = CHECKOUT / "runs" / "speed"
 # name -> extra `cmpq quantize` options (quick calibration, CMPQ's best setting)
@@ -30,12 +32,19 @@ def cmpq(*args: str) -> None:
     subprocess.run(command, check=True, cwd=CHECKOUT)
 
 
+def saved_version(path: Path) -> int | None:
+    try:
+        return json.loads((path / "config.json").read_text())["quantization_config"]["format_version"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def ensure_models(names: list[str]) -> list[Path]:
     """Quantize and save each variant unless a complete saved model is already there."""
     paths = []
     for name in names:
         path = MODELS / name
-        if not (path / "model.safetensors").is_file():
+        if not (path / "model.safetensors").is_file() or saved_version(path) != FORMAT_VERSION:
             cmpq("quantize", *VARIANTS[name], "--nsamples", "32", "--seqlen", "512", "--eval", "none",
                  "--out", str(path), "--overwrite", "--no-progress")
         paths.append(path)
