@@ -37,6 +37,9 @@ def test_head_is_untied_quantized_within_budget_and_accounted_apart(bits):
     assert result.head == "lm_head" and model.config.tie_word_embeddings is False
     assert torch.equal(model.get_input_embeddings().weight, embeddings)  # the embeddings keep their float values
     assert torch.equal(model.lm_head.weight, qw.dequantize())
+    for recompute in (True, False):  # transformers must not tie the quantized head back to the embeddings
+        model.tie_weights(recompute_mapping=recompute)
+        assert torch.equal(model.lm_head.weight, qw.dequantize())
     assert bits - 0.02 <= qw.storage().bpw <= bits
     error = (qw.dequantize() - float_head).square().mean() / float_head.square().mean()
     assert error < (0.01 if bits == 6 else 0.15), error  # error feedback trades weight error for output error

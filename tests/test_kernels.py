@@ -82,3 +82,21 @@ def test_kernel_benchmark_writes_ratios_and_bandwidth(tmp_path):
         assert r["ours_ms"] > 0 and r["speedup_vs_fp32"] > 0 and r["copy_gbps"] > 0 and r["weight_gbps"] > 0
     assert (tmp_path / "kernels.jsonl").read_text().count("\n") == 4
     assert "% copy" in (tmp_path / "kernels.md").read_text()
+
+
+def test_copies_and_pickles_of_a_used_layer_do_not_share_its_kernel_view():
+    import copy
+    import io
+
+    module = CMPQLinear.from_weight(random_layer(64, 40, [2, 3], nnz=20))
+    module.kernel = "native"
+    x = torch.randn(1, 40)
+    expected = module(x)  # builds the kernels' view (raw pointers into this module's tensors)
+    clone = copy.deepcopy(module)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    module.codes.zero_()  # the original changes; the copies must not see it
+    module._native = None
+    torch.testing.assert_close(clone(x), expected)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), expected)

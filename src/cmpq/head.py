@@ -40,7 +40,7 @@ def output_head(model: nn.Module) -> tuple[str, nn.Linear]:
     return name, head
 
 
-def untie(model: nn.Module, head: nn.Linear) -> None:
+def untie(model: nn.Module, name: str, head: nn.Linear) -> None:
     """Give the head its own weight if it shares the input embeddings', and record that in the config so a
     saved model is loaded untied."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -48,6 +48,10 @@ def untie(model: nn.Module, head: nn.Linear) -> None:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers' {target: source} map, used by tie_weights()
+    if isinstance(tied, dict):
+        for target in [t for t in tied if t.startswith(f"{name}.")]:
+            del tied[target]
 
 
 def head_stats(final: list[nn.Module], name: str, head: nn.Linear, needs: frozenset[str], hidden: torch.Tensor,
@@ -80,7 +84,7 @@ def quantize_head(model: nn.Module, final: list[nn.Module], quantizer: Quantizer
     needs = quantizer.needs()
     if needs and hidden is None:
         raise ConfigError("quantizing the head needs calibration windows")
-    untie(model, head)
+    untie(model, name, head)
     stats = head_stats(final, name, head, needs, hidden, dtype) if needs else LayerStats()
     qw = quantizer.quantize(head.weight.data.float(), stats, name)
     with torch.no_grad():

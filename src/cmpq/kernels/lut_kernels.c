@@ -316,6 +316,28 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const layer_t *L, cons
         }
     }
 }
+
+__attribute__((target("avx2,fma"))) static void dequant_avx2(const layer_t *L, float *Wt, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+        for (int half = 0; half < 2; ++half) {
+            const int64_t r = g * GROUP + 8 * half, left = L->rows - r;
+            if (left <= 0) break;
+            const uint16_t *p = L->codes + g * L->words;
+            for (int64_t i = 0; i < L->cols; ++i) {
+                const int w = L->widths[i];
+                const __m256 v = lookup256(L->codebooks + L->cb_offset[i], decode256(p, w, half), w);
+                if (left >= 8) {
+                    _mm256_storeu_ps(Wt + i * L->rows + r, v);
+                } else {
+                    float tmp[8];
+                    _mm256_storeu_ps(tmp, v);
+                    memcpy(Wt + i * L->rows + r, tmp, sizeof(float) * (size_t)left);
+                }
+                p += w;
+            }
+        }
+    }
+}
 #endif
 
 static void make_layer(layer_t *L, int64_t rows, int64_t cols, const uint16_t *codes, const int32_t *order,
@@ -381,6 +403,7 @@ int cmpq_dequant_t(float *Wt, int64_t rows, int64_t cols, const uint16_t *codes,
     for (int64_t g = 0; g < L.groups; ++g) {
 #ifdef CMPQ_X86
         if (isa == 2) dequant_avx512(&L, Wt, g, g + 1);
+        else if (isa == 1) dequant_avx2(&L, Wt, g, g + 1);
         else
 #endif
             dequant_portable(&L, Wt, g, g + 1);

@@ -95,9 +95,8 @@ class PreparedLayer:
     table_size: int
 
     def __post_init__(self) -> None:
-        # Decode calls this layer once per token: the pointers of its fixed tensors and the table scratch are
-        # taken once here, so a call only converts x, y and the options.
-        self._tables = torch.empty(MAX_BATCH * self.table_size + _PAD, dtype=torch.float32)
+        # Decode calls this layer once per token: the pointers of its fixed tensors are taken once here (the
+        # tensors belong to this object; a copy of the module drops it, `PackedLinear.__getstate__`).
         self._order64 = self.order.long()
         position = torch.empty(self.cols, dtype=torch.int64)  # stored position of each original column
         position[self.order.long()] = torch.arange(self.cols)
@@ -110,7 +109,8 @@ class PreparedLayer:
         """x (batch <= MAX_BATCH, cols) float32 contiguous -> (batch, rows)."""
         batch = x.shape[0]
         y = torch.empty(batch, self.rows, dtype=torch.float32)
-        status = library().cmpq_lut_gemv(x.data_ptr(), batch, y.data_ptr(), self._tables.data_ptr(), *self._fixed,
+        tables = torch.empty(batch * self.table_size + _PAD, dtype=torch.float32)  # per call: thread-safe
+        status = library().cmpq_lut_gemv(x.data_ptr(), batch, y.data_ptr(), tables.data_ptr(), *self._fixed,
                                          _ptr(bias), isa, threads)
         if status != 0:
             raise RuntimeError(f"cmpq_lut_gemv failed (isa {isa}, batch {batch})")

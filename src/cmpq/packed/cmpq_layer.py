@@ -194,6 +194,13 @@ class PackedLinear(nn.Module):
         """Raise FormatError on any inconsistency of the stored tensors."""
         self.quantized_weight(where)
 
+    def __getstate__(self):
+        """Copies and pickles leave out the kernels' view: it holds raw pointers into this module's tensors."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_native"] = None
+        return state
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._native = None
         return super()._load_from_state_dict(*args, **kwargs)

@@ -39,11 +39,19 @@ def pack_codes(codes: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(groups, int(widths.sum()), dtype=torch.int32)
     for width in torch.unique(widths).tolist():
         cols = (widths == width).nonzero()[:, 0]
-        # bit r*w + k of the column's string is bit k of row r's code
-        bits = (lanes[:, :, cols].permute(0, 2, 1)[..., None] >> torch.arange(width)) & 1   # (groups, n, 16, w)
-        words = (bits.reshape(groups, cols.numel(), width, GROUP) << torch.arange(GROUP)).sum(dim=-1)  # (g, n, w)
-        out[:, (offsets[cols][:, None] + torch.arange(width)).reshape(-1)] = words.reshape(groups, -1).to(torch.int32)
+        targets = (offsets[cols][:, None] + torch.arange(width)).reshape(-1)
+        for g0, g1 in _chunks(groups, cols.numel() * GROUP * width):
+            # bit r*w + k of the column's string is bit k of row r's code
+            bits = (lanes[g0:g1, :, cols].permute(0, 2, 1)[..., None] >> torch.arange(width)) & 1  # (g, n, 16, w)
+            words = (bits.reshape(g1 - g0, cols.numel(), width, GROUP) << torch.arange(GROUP)).sum(dim=-1)
+            out[g0:g1, targets] = words.reshape(g1 - g0, -1).to(torch.int32)
     return out.to(torch.uint16)
+
+
+def _chunks(groups: int, per_group: int, budget: int = 1 << 22) -> list[tuple[int, int]]:
+    """Ranges of groups whose temporaries hold at most about `budget` elements (bounded memory for big layers)."""
+    step = max(1, budget // max(per_group, 1))
+    return [(g, min(g + step, groups)) for g in range(0, groups, step)]
 
 
 def check_codes(packed: torch.Tensor, widths: torch.Tensor, rows: int) -> None:
@@ -80,10 +88,12 @@ def unpack_codes(packed: torch.Tensor, widths: torch.Tensor, rows: int) -> torch
     codes = torch.zeros(groups, GROUP, widths.numel(), dtype=torch.int64)
     for width in torch.unique(widths).tolist():
         cols = (widths == width).nonzero()[:, 0]
-        w = words[:, (offsets[cols][:, None] + torch.arange(width)).reshape(-1)].view(groups, cols.numel(), width)
-        bits = (w[..., None] >> torch.arange(GROUP)) & 1                      # (groups, n, w, 16)
-        per_row = bits.reshape(groups, cols.numel(), GROUP, width)             # (groups, n, 16, w)
-        codes[:, :, cols] = (per_row << torch.arange(width)).sum(dim=-1).permute(0, 2, 1)
+        sources = (offsets[cols][:, None] + torch.arange(width)).reshape(-1)
+        for g0, g1 in _chunks(groups, cols.numel() * GROUP * width):
+            w = words[g0:g1, sources].view(g1 - g0, cols.numel(), width)
+            bits = (w[..., None] >> torch.arange(GROUP)) & 1                      # (g, n, w, 16)
+            per_row = bits.reshape(g1 - g0, cols.numel(), GROUP, width)          # (g, n, 16, w)
+            codes[g0:g1, :, cols] = (per_row << torch.arange(width)).sum(dim=-1).permute(0, 2, 1)
     return codes.view(groups * GROUP, -1)[:rows]
 
 
