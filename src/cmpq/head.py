@@ -10,12 +10,15 @@ is untied first: the embeddings stay as they were, only the head is stored quant
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn as nn
 
 from cmpq.calibration.capture import StopBlock
 from cmpq.calibration.precision import compute_context
 from cmpq.calibration.stats import LayerStats, StatsRecorder
+from cmpq.config import config_to_dict
 from cmpq.errors import ConfigError, UnsupportedArchitectureError
 from cmpq.quantizers.base import QuantizedWeight, Quantizer, get_quantizer
 
@@ -28,6 +31,16 @@ def head_quantizer(bits: float) -> Quantizer:
         raise ConfigError(f"--quantize-head must be between 1 and 8 bits per weight, got {bits}")
     value: float | int = int(bits) if float(bits).is_integer() else bits
     return get_quantizer("cmpq", preset="best", bits=value, bit_set=HEAD_BIT_SET)
+
+
+def describe_head(name: str, qw: QuantizedWeight, quantizer: Quantizer) -> dict:
+    """The quantized head's own accounting, for records and the saved `quantization_config` (PROTOCOL: reported
+    apart from the blocks' bpw)."""
+    storage = qw.storage()
+    return {"name": name, "method": quantizer.name,
+            "config": json.loads(json.dumps(config_to_dict(quantizer.config))),  # JSON types (tuples -> lists)
+            "target_bits": quantizer.target_bits(), "bpw": storage.bpw, "bits": storage.as_dict(),
+            "bytes": -(-storage.total // 8)}
 
 
 def output_head(model: nn.Module) -> tuple[str, nn.Linear]:

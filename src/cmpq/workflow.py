@@ -16,6 +16,7 @@ from cmpq.errors import ConfigError
 from cmpq.data.sampling import calibration_windows
 from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
+from cmpq.head import describe_head
 from cmpq.models.load import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
 from cmpq.quantizers import Quantizer
@@ -55,12 +56,9 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
 
 def head_record(result: QuantizationResult, head: Quantizer | None) -> dict[str, Any] | None:
     """The quantized head's own accounting (PROTOCOL: reported apart from the blocks' bpw)."""
-    storage = result.head_storage()
-    if storage is None or head is None:
+    if result.head is None or head is None:
         return None
-    return {"name": result.head, "method": head.name, "config": config_to_dict(head.config),
-            "target_bits": head.target_bits(), "bpw": storage.bpw, "bits": storage.as_dict(),
-            "bytes": -(-storage.total // 8)}
+    return describe_head(result.head, result.layers[result.head], head)
 
 
 def quantization_record(loaded: LoadedModel, quantizer: Quantizer, result: QuantizationResult,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from cmpq.packed.codes import codes_at
+
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 MAX_BATCH = 8  # rows of x handled by the LUT-GEMV; larger batches dequantize and use a dense matmul
 _PAD = 16      # kernels load whole 16-float registers from tables and codebooks
@@ -91,16 +93,13 @@ class PreparedLayer:
     ocol: torch.Tensor         # (nnz,) int32
     odelta: torch.Tensor       # (nnz,) float32
     outlier_values: torch.Tensor  # (nnz,) float32, for the dense path
-    outlier_rows: torch.Tensor    # (nnz,) int64
+    outlier_flat: torch.Tensor    # (nnz,) int64: each outlier's index into the flattened `weight_t`
     table_size: int
 
     def __post_init__(self) -> None:
         # Decode calls this layer once per token: the pointers of its fixed tensors are taken once here (the
         # tensors belong to this object; a copy of the module drops it, `PackedLinear.__getstate__`).
         self._order64 = self.order.long()
-        position = torch.empty(self.cols, dtype=torch.int64)  # stored position of each original column
-        position[self.order.long()] = torch.arange(self.cols)
-        self._outlier_flat = position[self.ocol.long()] * self.rows + self.outlier_rows  # index into weight_t
         self._fixed = (self.table_size, self.rows, self.cols, _ptr(self.codes), _ptr(self.order), _ptr(self.widths),
                        _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.orow), _ptr(self.ocol),
                        _ptr(self.odelta))
@@ -125,7 +124,7 @@ class PreparedLayer:
         if status != 0:
             raise RuntimeError(f"cmpq_dequant_t failed (isa {isa})")
         if self.outlier_values.numel():
-            wt.view(-1)[self._outlier_flat] = self.outlier_values
+            wt.view(-1)[self.outlier_flat] = self.outlier_values
         return wt
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
@@ -136,13 +135,18 @@ class PreparedLayer:
 
 def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entries: torch.Tensor,
             rows: int, cols: int, outlier_rows: torch.Tensor, outlier_cols: torch.Tensor,
-            outlier_values: torch.Tensor, replaced: torch.Tensor) -> PreparedLayer:
-    """Kernel data from a layer's stored columns: `widths`/`entries` in stored order, `replaced` the codebook
-    values the outliers stand in for (so the kernel adds value - replaced)."""
+            outlier_values: torch.Tensor) -> PreparedLayer:
+    """Kernel data from a layer's stored columns (`codes`, `widths`, `entries` in stored order; stored column i
+    is original column order[i]) and its outliers (original columns). The kernels add each outlier as
+    value - the codebook entry it replaces, read from the packed codes at the outlier positions only."""
     if codes.element_size() != 2 or codes.dim() != 2 or codes.shape[1] != int(widths.long().sum()):
         raise ValueError(f"packed codes must be 16-bit (groups, sum of widths), got {codes.dtype} {tuple(codes.shape)}")
     sizes = 2 ** widths.long()
     offsets = torch.cumsum(sizes, 0) - sizes
+    position = torch.empty(cols, dtype=torch.int64)  # stored position of each original column
+    position[order.long()] = torch.arange(cols)
+    stored_col = position[outlier_cols.long()]
+    replaced = entries[offsets[stored_col] + codes_at(codes, widths, outlier_rows, stored_col)]
     rowptr = torch.zeros(rows + 1, dtype=torch.int32)
     rowptr[1:] = torch.cumsum(torch.bincount(outlier_rows, minlength=rows), 0).to(torch.int32)
     values = outlier_values.float()
@@ -154,4 +158,4 @@ def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entr
         codebooks=torch.cat([entries.float(), torch.zeros(_PAD, dtype=torch.float32)]).contiguous(),
         cb_offset=offsets.to(torch.int64).contiguous(), orow=rowptr, ocol=outlier_cols.to(torch.int32).contiguous(),
         odelta=(values - replaced.float()).contiguous(), outlier_values=values,
-        outlier_rows=outlier_rows.long(), table_size=int(sizes.sum()))
+        outlier_flat=stored_col * rows + outlier_rows.long(), table_size=int(sizes.sum()))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from cmpq.errors import FormatError
 from cmpq.kernels import native
-from cmpq.packed.codes import check_codes, codes_at, pack_codes, pack_stream, unpack_codes, unpack_stream
+from cmpq.packed.codes import check_codes, pack_codes, pack_stream, unpack_codes, unpack_stream
 from cmpq.quantizers.cmpq.quantizer import CMPQWeight, index_bits
 
 INDEX_DTYPES = {8: torch.uint8, 16: torch.uint16, 32: torch.int32, 64: torch.int64}
@@ -196,10 +196,7 @@ class PackedLinear(nn.Module):
 
     def __getstate__(self):
         """Copies and pickles leave out the kernels' view: it holds raw pointers into this module's tensors."""
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_native"] = None
-        return state
+        return {**super().__getstate__(), "_native": None}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._native = None
@@ -268,17 +265,8 @@ class CMPQLinear(PackedLinear):
         """The kernels' view of this layer: stored-order codebooks in float32 and outlier deltas (value minus
         the codebook entry it replaces, read from the packed codes at the outlier positions only)."""
         parsed = parse_cmpq(dict(self.named_buffers(recurse=False)), self.out_features, self.in_features)
-        stored_widths = parsed.stored_widths
-        position = torch.empty_like(parsed.order)
-        position[parsed.order] = torch.arange(parsed.order.numel())
-        sizes = 2 ** stored_widths
-        offsets = torch.cumsum(sizes, 0) - sizes
-        stored_col = position[parsed.outlier_cols]
-        codes = codes_at(parsed.codes, stored_widths, parsed.outlier_rows, stored_col)
-        replaced = parsed.entries[offsets[stored_col] + codes]
-        return native.prepare(parsed.codes, stored_widths, parsed.order, parsed.entries, self.out_features,
-                              self.in_features, parsed.outlier_rows, parsed.outlier_cols, parsed.outlier_values,
-                              replaced)
+        return native.prepare(parsed.codes, parsed.stored_widths, parsed.order, parsed.entries, self.out_features,
+                              self.in_features, parsed.outlier_rows, parsed.outlier_cols, parsed.outlier_values)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from cmpq.config import config_to_dict
 from cmpq.errors import CmpqError, FormatError, ModelNotFoundError
+from cmpq.head import describe_head
 from cmpq.models.arch import find_arch
 from cmpq.models.load import LoadedModel
 from cmpq.packed.cmpq_layer import pack_cmpq
@@ -97,8 +98,7 @@ def _head_entry(result: QuantizationResult, head: Quantizer | None) -> dict[str,
         return None
     if head is None:
         raise CmpqError("the result holds a quantized head: pass its quantizer to save_quantized(head=...)")
-    return {"name": result.head, "method": head.name, "config": json.loads(json.dumps(config_to_dict(head.config))),
-            "target_bits": head.target_bits(), "bpw": result.head_storage().bpw}
+    return describe_head(result.head, result.layers[result.head], head)
 
 
 def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Quantizer, directory: Path,
