@@ -6,17 +6,14 @@ interrupted grid continues where it stopped and cells shared by several tables a
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cmpq import workflow
-from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig
-from cmpq.errors import CmpqError
+from cmpq.eval.grid import Cell, record_key
 from cmpq.eval.records import append_record, read_records
 from cmpq.models.load import LoadedModel, load_model
 from cmpq.quantizers import get_quantizer
@@ -32,46 +29,6 @@ def update_readme(block: str, markdown: str) -> None:
     if start in text and end in text:
         head, rest = text.split(start, 1)
         README.write_text(head + start + markdown.rstrip("\n") + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One configuration to measure: `method` "float" or a registered quantizer with its options."""
-
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def key(self, model: str, calib: CalibConfig, protocol: str) -> str:
-        needs_calib = self.method != "float" and bool(get_quantizer(self.method, **self.options).needs())
-        return json.dumps({"model": model, "method": self.method,
-                           "config": _jsonable(get_quantizer(self.method, **self.options).config)
-                           if self.method != "float" else None,
-                           "calib": [calib.source, calib.nsamples, calib.seqlen, calib.seed,
-                                     str(resolve_dtype(calib.dtype)).removeprefix("torch.")] if needs_calib else None,
-                           "protocol": protocol}, sort_keys=True)
-
-
-def _jsonable(config: Any) -> dict[str, Any]:
-    from cmpq.config import config_to_dict
-
-    return json.loads(json.dumps(config_to_dict(config)))
-
-
-def record_key(record: dict[str, Any]) -> str:
-    """The key of a stored record; its config is rebuilt through the method's current Config, so records
-    written before a field was added match cells that use that field's default."""
-    calib = record.get("calibration") or {}
-    config = record.get("config")
-    if config is not None:
-        try:
-            config = _jsonable(get_quantizer(record["method"], **config).config)
-        except CmpqError:
-            pass  # a field that no longer exists: the record matches no current cell
-    return json.dumps({"model": record["model"], "method": record["method"], "config": config,
-                       "calib": [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"],
-                                 calib.get("resolved_dtype", "float32")]  # before bfloat16 calibration existed
-                       if calib.get("used") else None,
-                       "protocol": record["protocol"]}, sort_keys=True)
 
 
 class Store:

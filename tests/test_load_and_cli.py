@@ -109,7 +109,7 @@ def test_help_explains_every_option():
     from cmpq.cli import build_parser
 
     subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert set(subparsers) == {"quantize", "eval", "generate", "bench", "inspect"}
+    assert set(subparsers) == {"quantize", "eval", "generate", "bench", "inspect", "compare"}
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help and len(action.help) > 10, f"cmpq {name} {action.option_strings}: no help"

@@ -35,6 +35,16 @@ def _int_list(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{value}'") from None
 
 
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -72,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=float, required=True,
                    help="target bits per weight; for rtn the integer code width 1..8")
     q.add_argument("--group-size", type=int,
-                   help="rtn: input channels sharing one scale and zero-point (default: one per output channel)")
+                   help="rtn, gptq, awq, quip, llmmq: input channels sharing one scale and zero-point (default: rtn "
+                        "and quip one per output channel, gptq, awq and llmmq 128)")
     presets = sorted({p for cls in QUANTIZERS.values() for p in cls.presets})
     q.add_argument("--preset", choices=presets,
                    help="a named set of the method's options (explicit options override it): cmpq's 'paper' "
@@ -111,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "decreasing Hessian diagonal")
     q.add_argument("--grid", choices=("kmeans", "minmax"),
                    help="cmpq: per-column k-means codebooks, or a uniform min-max grid per column (ablation)")
+    q.add_argument("--options", type=_json_object, metavar="JSON",
+                   help="any of the method's options as a JSON object, applied last, e.g. '{\"sensitivity\": "
+                        "\"fisher\"}' for llmmq (each method's Config dataclass lists them)")
     q.add_argument("--calib", default="c4",
                    help="calibration text: c4 (documents 1000..1999 of the C4 sample; default), wikitext2 (train "
                         "split, needs the hub) or a path to a UTF-8 text file. Methods that need no calibration "
@@ -176,6 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per cell (default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="torch and kernel threads (default: torch's choice)")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    c = sub.add_parser("compare", help="run methods x bit targets side by side: table + plot",
+                       description="The paper's comparison on one model: every method at every target on the same "
+                                   "calibration tokens and evaluation windows, one process per cell (its own time "
+                                   "and peak memory), resumable (cells already in the store are skipped). Integer-"
+                                   "width methods run at floor(target) bits and are shown at their real honest "
+                                   "bpw; cmpq and llmmq meet fractional targets; smoothquant runs once as W8A8.")
+    c.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
+    c.add_argument("--methods", default="float,rtn,gptq,awq,quip,squeezellm,llmmq,cmpq", metavar="M1,M2,...",
+                   help="methods (default: %(default)s); also cmpq-noef (cmpq without error feedback), cmpq-paper, "
+                        "smoothquant")
+    c.add_argument("--bits", default="2,2.5,3,3.5,4", metavar="B1,B2,...",
+                   help="bit targets (default: %(default)s)")
+    c.add_argument("--protocol", choices=("quick", "full"), default="quick",
+                   help="perplexity protocol; calibration follows it (quick: 32 x 512 tokens, full: 128 x 2048)")
+    c.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="float32",
+                   help="precision of the calibration forwards, the same for every method (default: %(default)s)")
+    c.add_argument("--out", default="runs/compare", metavar="DIR",
+                   help="where the store (results.jsonl), table (compare.md) and plot (compare.png) go "
+                        "(default: %(default)s)")
+    c.add_argument("--reuse", action="append", default=[], metavar="FILE",
+                   help="also count records in this .jsonl file as measured (repeatable)")
+    c.add_argument("--render", action="store_true", help="only render the table and plot from stored records")
+    c.add_argument("--threads", type=_positive_int, help="torch threads per cell (default: torch's choice)")
+    c.add_argument("--no-progress", action="store_true", help="hide the cells' progress bars")
     i = sub.add_parser("inspect", help="per-layer bit-widths, outliers and bpw of a quantization result",
                        description="Show per layer the histogram of bit-widths, outlier counts and honest bpw with "
                                    "its breakdown, and write a PNG heatmap (layers x bit-widths).")
@@ -200,7 +238,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, field)
         if value is not None:
             options[field] = value
-    return options
+    return {**options, **(args.options or {})}
 
 
 def _print_summary(record: dict[str, Any]) -> None:
@@ -234,6 +272,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     workflow.set_threads(args.threads)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "bench":
         return _bench(args)
     progress = not args.no_progress
@@ -300,6 +340,41 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     records = kernels.run(args.out, shapes, kernels.BITS, tuple(args.batches), args.repeats, not args.no_progress)
     print((Path(args.out) / "kernels.md").read_text(encoding="utf-8"))
     return {"records": records}
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    from cmpq import compare
+    from cmpq.data.sources import load_eval_text
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        targets = [float(b) for b in args.bits.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--bits: expected comma-separated numbers, got '{args.bits}'") from None
+    cells = compare.grid(methods, targets)
+    calib = compare.calibration(args.protocol, args.calib_dtype)
+    out = Path(args.out)
+    store = out / "results.jsonl"
+    reuse = [Path(p) for p in args.reuse]
+    for path in reuse:
+        if not path.is_file():
+            raise CmpqError(f"--reuse {path}: no such file")
+    failed = []
+    if not args.render:
+        for name in ("wikitext2", "c4"):
+            load_eval_text(name)  # a missing dataset fails now, not in every cell
+        out.mkdir(parents=True, exist_ok=True)
+        failed = compare.run(cells, args.model, calib, args.protocol, store, reuse, args.threads, not args.no_progress)
+    rows = compare.results(cells, args.model, calib, args.protocol, store, reuse)
+    table = compare.render_table(rows, args.model, calib, args.protocol)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(table, encoding="utf-8")
+    png = compare.render_plot(rows, out / "compare.png", args.model, args.protocol)
+    print(table)
+    print(f"table: {out / 'compare.md'}" + (f", plot: {png}" if png else ""))
+    if failed:
+        raise CmpqError(f"{len(failed)} cell(s) failed: " + ", ".join(f"{c.name} {c.setting}" for c in failed))
+    return {"rows": [(c.name, c.setting, r) for c, r in rows]}
 
 
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from cmpq.calibration.capture import capture_block_inputs, run_block
-from cmpq.calibration.stats import LayerStats, StatsRecorder
+from cmpq.calibration.gradients import gradient_statistics
+from cmpq.calibration.stats import GRADIENT_STATISTICS, LayerStats, StatsRecorder
 from cmpq.errors import CmpqError, ConfigError
 from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
@@ -32,6 +33,13 @@ class QuantizationResult:
     layers: dict[str, QuantizedWeight] = field(default_factory=dict)
     seconds: float = 0.0
     head: str | None = None
+    hooks: list = field(default_factory=list)  # activation quantizers installed on the model (SmoothQuant)
+
+    def remove_hooks(self) -> None:
+        """Take the activation quantizers off the model (e.g. before restoring its float weights)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
 
     def storage(self) -> BitBreakdown:
         """Honest accounting summed over the quantized layers of the blocks (the head is reported apart)."""
@@ -60,15 +68,24 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     start = time.perf_counter()
     result = QuantizationResult(method=quantizer.name)
     blocks = arch.blocks(model)
-    needs = quantizer.needs()
+    all_needs = quantizer.calibration_needs()
+    needs = quantizer.needs() - set(GRADIENT_STATISTICS)  # gathered by hooks during the block-by-block pass
     head_needs = head.needs() if head is not None else frozenset()
     feed = bool(needs or head_needs)  # whether calibration activations flow through the blocks
-    if feed and windows is None:
-        what = quantizer.name if needs else "the head's quantizer"
-        raise ConfigError(f"{what} needs calibration statistics {sorted(needs or head_needs)}: pass calibration "
-                          f"windows")
+    if (all_needs or head_needs) and windows is None:
+        what = quantizer.name if all_needs else "the head's quantizer"
+        raise ConfigError(f"{what} needs calibration statistics {sorted(all_needs or head_needs)}: pass "
+                          f"calibration windows")
+    gradients: dict[str, dict[str, torch.Tensor]] = {}
+    if all_needs & set(GRADIENT_STATISTICS):  # one backward pass per window over the float model, first
+        linears = {f"{arch.blocks_path}.{i}.{n}": m for i, b in enumerate(blocks)
+                   for n, m in arch.block_linears(b).items()}
+        gradients = gradient_statistics(model, linears, windows, all_needs & set(GRADIENT_STATISTICS), dtype,
+                                        progress)
     if quantizer.measures_model():
-        _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress, dtype)
+        _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress, dtype, gradients)
+    if not quantizer.needs() & set(GRADIENT_STATISTICS):
+        gradients.clear()
     if feed:
         inputs = capture_block_inputs(model, blocks[0], windows, dtype)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
@@ -83,12 +100,17 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                 bar.set_postfix_str(name)
                 linear = linears[name]
                 full_name = f"{arch.blocks_path}.{index}.{name}"
+                layer_stats = stats.get(name, LayerStats())
+                layer_stats.values.update(gradients.pop(full_name, {}))
                 try:
-                    qw = quantizer.quantize(linear.weight.data, stats.get(name, LayerStats()), full_name)
+                    qw = quantizer.quantize(linear.weight.data, layer_stats, full_name)
                 except CmpqError as exc:  # say which layer: targets can be unreachable for one shape only
                     raise type(exc)(f"{full_name} {tuple(linear.weight.shape)}: {exc}") from exc
                 with torch.no_grad():
                     linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
+                hook = qw.activation_hook()
+                if hook is not None:  # later blocks are calibrated on the quantized activations, as they run
+                    result.hooks.append(linear.register_forward_pre_hook(hook))
                 result.layers[full_name] = qw
         # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
         # and the last block's outputs feed only the head's statistics: skip the passes nothing reads.
@@ -116,16 +138,28 @@ def _gather(block: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[st
 
 
 def _measure_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor,
-                   needs: frozenset[str], progress: bool, dtype: torch.dtype) -> None:
+                   needs: frozenset[str], progress: bool, dtype: torch.dtype,
+                   gradients: dict[str, dict[str, torch.Tensor]]) -> None:
     """Show the quantizer every layer of the float model (one pass per block, float outputs passed on), then
-    let it plan model-wide; the sequential quantization pass follows."""
+    let it plan model-wide; the sequential quantization pass follows. `gradients`: statistics from the
+    backward pass, by layer name."""
     blocks = arch.blocks(model)
+    needs = needs - set(GRADIENT_STATISTICS)
+    if not needs:  # everything comes from the backward pass: no forward needed
+        for index, block in enumerate(blocks):
+            for name, linear in arch.block_linears(block).items():
+                full_name = f"{arch.blocks_path}.{index}.{name}"
+                quantizer.measure(full_name, linear.weight.data, LayerStats(values=dict(gradients.get(full_name, {}))))
+        quantizer.plan()
+        return
     inputs = capture_block_inputs(model, blocks[0], windows, dtype)
     hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
     for index in tqdm(range(len(blocks)), desc=f"measure [{quantizer.name}]", unit="block", disable=not progress):
         linears = arch.block_linears(blocks[index])
         stats = _gather(blocks[index], linears, needs, inputs, hidden, out=spare)
         for name, linear in linears.items():
-            quantizer.measure(f"{arch.blocks_path}.{index}.{name}", linear.weight.data, stats[name])
+            full_name = f"{arch.blocks_path}.{index}.{name}"
+            stats[name].values.update(gradients.get(full_name, {}))
+            quantizer.measure(full_name, linear.weight.data, stats[name])
         hidden, spare = spare, hidden
     quantizer.plan()

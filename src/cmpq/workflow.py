@@ -44,7 +44,7 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     result and the calibration description for the record."""
     calib_info: dict[str, Any] = {"used": False}
     windows = None
-    if quantizer.needs() or (head is not None and head.needs()):
+    if quantizer.calibration_needs() or (head is not None and head.needs()):
         check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,

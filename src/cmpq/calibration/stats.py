@@ -42,7 +42,13 @@ STATISTICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "col_sq_sum": lambda x: x.square().sum(dim=0).double(),     # sum_t x_tj^2, per input channel j
     "col_abs_sum": lambda x: x.abs().sum(dim=0).double(),       # sum_t |x_tj|, per input channel j
     "hessian": gram,                                            # X^T X, (in, in)
+    "col_abs_max": lambda x: x.abs().amax(dim=0).double(),      # max_t |x_tj| (SmoothQuant's activation range)
 }
+# How contributions of successive forwards combine (default: summed).
+REDUCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"col_abs_max": torch.maximum}
+# Statistics of the loss gradient w.r.t. each weight, (out, in): one backward pass per calibration window over
+# the whole float model (`calibration/gradients.py`), not forward hooks.
+GRADIENT_STATISTICS = ("grad_sum", "grad_sq_sum")
 
 
 @dataclass
@@ -72,6 +78,7 @@ class StatsRecorder:
     """
 
     def __init__(self, linears: dict[str, nn.Linear], needs: frozenset[str], stop_early: bool = False) -> None:
+        needs = frozenset(needs) - set(GRADIENT_STATISTICS)  # gathered by a backward pass, not by hooks
         unknown = sorted(set(needs) - set(STATISTICS))
         if unknown:
             raise ValueError(f"unknown statistics {unknown}; known: {sorted(STATISTICS)}")
@@ -110,7 +117,8 @@ class StatsRecorder:
                 computed[stat] = contribution
                 for name in names:
                     values = self.stats[name].values
-                    values[stat] = values[stat] + contribution if stat in values else contribution.clone()
+                    values[stat] = (REDUCTIONS.get(stat, torch.add)(values[stat], contribution) if stat in values
+                                    else contribution.clone())
             for name in names:
                 self.stats[name].tokens += x2d.shape[0]
         self._pending.clear()

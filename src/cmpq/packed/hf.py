@@ -74,7 +74,7 @@ def empty_layer(method: str, options: dict, linear: nn.Module, tensors: dict[str
     """The quantized module class of `method`, with placeholder buffers the loader fills."""
     if method == "cmpq":
         return CMPQLinear(linear.in_features, linear.out_features, tensors, bias)
-    if method == "rtn":
+    if method in ("rtn", "gptq"):  # both store RTN's layout (GPTQ's grids are static or per stored group)
         group = options.get("group_size") or linear.in_features
         return UniformLinear(linear.in_features, linear.out_features, tensors, int(options["bits"]),
                              min(int(group), linear.in_features), bias)

@@ -73,6 +73,11 @@ class QuantizedWeight(ABC):
         """Weights kept outside the codes (in high precision)."""
         return 0
 
+    def activation_hook(self):
+        """A forward pre-hook quantizing the layer's input at inference (weight+activation methods such as
+        SmoothQuant), or None for weight-only methods."""
+        return None
+
     def summary(self) -> dict[str, Any]:
         """Per-layer facts for records and `cmpq inspect`: shape, width histogram, outliers, bit breakdown."""
         widths, counts = torch.unique(self.column_widths(), return_counts=True)
@@ -114,6 +119,10 @@ class Quantizer(ABC):
     def measure_needs(self) -> frozenset[str]:
         """Statistics the measuring pass must gather (by default the same as `needs`)."""
         return self.needs()
+
+    def calibration_needs(self) -> frozenset[str]:
+        """Every statistic this configuration reads, in either pass: calibration data is needed iff non-empty."""
+        return self.needs() | (self.measure_needs() if self.measures_model() else frozenset())
 
     def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
         """Record what `plan` needs about one layer (float weights, statistics of the float model)."""

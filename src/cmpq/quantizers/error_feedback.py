@@ -44,13 +44,16 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
 def quantize_with_feedback(weight: torch.Tensor, hessian: torch.Tensor,
                            quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
                            damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                           begin_block: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                           begin_group: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                           group_size: int | None = None) -> torch.Tensor:
     """The quantized weight (out, in), float32, after GPTQ's column-by-column error feedback.
 
     hessian: X^T X (in, in) of the layer's calibration inputs (any positive scale); quantize_column(j, w)
     returns the quantized values of original column j given its current (updated) values w (out,);
-    begin_block(columns, values), if given, is called before each block with the original indices of its
-    columns and their current values (out, count), e.g. to refit codebooks on the updated weights.
+    begin_group(columns, values), if given, is called before each run of `group_size` columns (default: each
+    lazy block) with the original indices of those columns and their current values (out, count), e.g. to fit
+    a group's grid (GPTQ) or refit codebooks (CMPQ) on the updated weights. The block size is rounded to a
+    multiple of `group_size` so that a group's current values are all in the block being updated.
     """
     # Work on the transpose (in, out): a column of W is then a contiguous row, so quantizing it and the rank-1
     # updates stream through memory instead of striding by the row length (4x faster on smollm2's 49152-row
@@ -62,13 +65,15 @@ def quantize_with_feedback(weight: torch.Tensor, hessian: torch.Tensor,
     wt = weight.float().T[order].contiguous()
     wt[dead] = 0.0
     q = torch.zeros_like(wt)
+    group = group_size or block_size
+    block_size = group * max(1, block_size // group)
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
-        if begin_block is not None:
-            begin_block(order[start:stop], wt[start:stop].T)
         w1, hinv1 = wt[start:stop].clone(), hinv[start:stop, start:stop]
         err1 = torch.zeros_like(w1)
         for i in range(stop - start):
+            if begin_group is not None and i % group == 0:
+                begin_group(order[start + i:start + i + group], w1[i:i + group].T)
             column = w1[i]
             quantized = quantize_column(int(order[start + i]), column)
             q[start + i] = quantized

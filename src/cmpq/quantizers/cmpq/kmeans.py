@@ -5,6 +5,10 @@ sorting each row once (`SortedRows`, shared by every width tried on a layer), a 
 and the squared error all come from k binary searches and prefix sums per row, never a pass over all
 entries. The "best" start runs Lloyd from quantiles and keeps the uniform min-max grid on rows where that
 is better, so the result is never worse than the min-max grid of the same width.
+
+Entries may carry weights (SqueezeLLM's Fisher-weighted k-means): the prefix sums are then of w, w*x and
+w*x^2, so each Lloyd step moves a centroid to its cluster's weighted mean and the squared error is weighted.
+Without weights the original unweighted arithmetic runs unchanged (CMPQ's results are bit-identical).
 """
 
 from __future__ import annotations
@@ -14,25 +18,49 @@ import torch
 
 class SortedRows:
     """Each row's included entries sorted ascending (excluded ones pushed to the end as +inf), with prefix
-    sums of values and squares (float64) and the count of included entries per row."""
+    sums of values and squares (float64) and the count of included entries per row.
 
-    def __init__(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    With `weights` (same shape as `values`, non-negative), `prefix` and `prefix_sq` hold the prefix sums of
+    w*x and w*x^2 and `prefix_w` those of w, all in sorted order; `cluster_sums`, `sse` and `lloyd` then use
+    the weights. Without weights `prefix_w` is None and nothing else differs from the unweighted structure."""
+
+    def __init__(self, values: torch.Tensor, mask: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None) -> None:
         values = values.float()
         if mask is not None:
             values = torch.where(mask, values, torch.full_like(values, float("inf")))
-        self.sorted = values.sort(dim=1).values.contiguous()
+        self.prefix_w: torch.Tensor | None = None
+        if weights is None:
+            self.sorted = values.sort(dim=1).values.contiguous()
+        else:
+            if weights.shape != values.shape:
+                raise ValueError(f"weights of shape {tuple(weights.shape)} for values of shape {tuple(values.shape)}")
+            ordered = values.sort(dim=1, stable=True)
+            self.sorted = ordered.values.contiguous()
+            w = weights.double().gather(1, ordered.indices)
         finite = torch.isfinite(self.sorted)
         self.count = finite.sum(dim=1, keepdim=True)
         x = torch.where(finite, self.sorted, torch.zeros_like(self.sorted)).double()
         zero = torch.zeros(values.shape[0], 1, dtype=torch.float64)
-        self.prefix = torch.cat([zero, x.cumsum(dim=1)], dim=1)
-        self.prefix_sq = torch.cat([zero, (x * x).cumsum(dim=1)], dim=1)
+        if weights is None:
+            self.prefix = torch.cat([zero, x.cumsum(dim=1)], dim=1)
+            self.prefix_sq = torch.cat([zero, (x * x).cumsum(dim=1)], dim=1)
+        else:
+            w = torch.where(finite, w, torch.zeros_like(w))  # excluded entries weigh nothing
+            self.prefix_w = torch.cat([zero, w.cumsum(dim=1)], dim=1)
+            self.prefix = torch.cat([zero, (w * x).cumsum(dim=1)], dim=1)
+            self.prefix_sq = torch.cat([zero, (w * x * x).cumsum(dim=1)], dim=1)
+
+    @property
+    def weighted(self) -> bool:
+        return self.prefix_w is not None
 
     def subset(self, rows: torch.Tensor) -> "SortedRows":
         """The same structure for a subset of rows (boolean mask or indices)."""
         out = SortedRows.__new__(SortedRows)
         out.sorted, out.count = self.sorted[rows], self.count[rows]
         out.prefix, out.prefix_sq = self.prefix[rows], self.prefix_sq[rows]
+        out.prefix_w = None if self.prefix_w is None else self.prefix_w[rows]
         return out
 
     def bounds(self, centroids: torch.Tensor) -> torch.Tensor:
@@ -43,13 +71,19 @@ class SortedRows:
         return torch.cat([zeros, inner, self.count], dim=1)
 
     def cluster_sums(self, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(count, sum, sum of squares) of every cluster, float64, (n, k) each."""
+        """(count, sum, sum of squares) of every cluster, float64, (n, k) each; with weights (sum of w,
+        sum of w*x, sum of w*x^2)."""
         lo, hi = bounds[:, :-1], bounds[:, 1:]
-        return ((hi - lo).double(), self.prefix.gather(1, hi) - self.prefix.gather(1, lo),
+        if self.prefix_w is None:
+            mass = (hi - lo).double()
+        else:
+            mass = self.prefix_w.gather(1, hi) - self.prefix_w.gather(1, lo)
+        return (mass, self.prefix.gather(1, hi) - self.prefix.gather(1, lo),
                 self.prefix_sq.gather(1, hi) - self.prefix_sq.gather(1, lo))
 
     def sse(self, centroids: torch.Tensor) -> torch.Tensor:
-        """Per-row squared error of nearest-centroid quantization with sorted `centroids` (n, k), float64."""
+        """Per-row squared error (weighted, with weights) of nearest-centroid quantization with sorted
+        `centroids` (n, k), float64."""
         n, s1, s2 = self.cluster_sums(self.bounds(centroids))
         c = centroids.double()
         return (s2 - 2 * c * s1 + n * c * c).sum(dim=1).clamp(min=0)
@@ -84,7 +118,11 @@ def sse(values: torch.Tensor, mask: torch.Tensor | None, centroids: torch.Tensor
 
 
 def lloyd(rows: SortedRows, centroids: torch.Tensor, max_iter: int) -> torch.Tensor:
-    """Lloyd iterations until no cluster boundary moves (or `max_iter`); empty clusters keep their centroid."""
+    """Lloyd iterations until no cluster boundary moves (or `max_iter`); empty clusters keep their centroid.
+
+    With weights a centroid moves to its cluster's weighted mean; clusters of zero total weight count as
+    empty. The weighted mean is clamped to the cluster's value range: a cluster whose weight is tiny next to
+    its row's total loses that many digits in the prefix-sum differences, and must not land outside it."""
     previous = None
     for _ in range(max_iter):
         bounds = rows.bounds(centroids)
@@ -92,7 +130,14 @@ def lloyd(rows: SortedRows, centroids: torch.Tensor, max_iter: int) -> torch.Ten
             break
         previous = bounds
         counts, sums, _ = rows.cluster_sums(bounds)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids.double()).float()
+        if not rows.weighted:
+            centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids.double()).float()
+        else:
+            lo, hi = bounds[:, :-1], bounds[:, 1:]
+            first = rows.sorted.gather(1, lo.clamp(max=rows.sorted.shape[1] - 1)).double()
+            last = rows.sorted.gather(1, (hi - 1).clamp(min=0)).double()
+            mean = torch.minimum(torch.maximum(sums / torch.where(counts > 0, counts, 1.0), first), last)
+            centroids = torch.where((counts > 0) & (hi > lo), mean, centroids.double()).float()
         centroids = centroids.sort(dim=1).values
     return centroids
 

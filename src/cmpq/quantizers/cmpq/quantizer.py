@@ -26,6 +26,7 @@ from cmpq.quantizers.base import (BUDGET_TOLERANCE_BPW, FP16_BITS, BitBreakdown,
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 from cmpq.quantizers.error_feedback import quantize_with_feedback
+from cmpq.quantizers.outliers import index_bits, sparse_bits, top_k_mask  # noqa: F401 (re-exported)
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
 SCOPES = ("layer", "model")
@@ -105,24 +106,9 @@ PRESETS["best"] = {**PRESETS["paper"], "allocation": "error", "bit_set": (1, 2, 
                    "error_feedback": True}
 
 
-def index_bits(max_value: int) -> int:
-    """Width of the narrowest unsigned integer type (8, 16, 32 or 64 bits) that holds `max_value`."""
-    for bits in (8, 16, 32, 64):
-        if max_value < 2**bits:
-            return bits
-    raise ValueError(f"{max_value} does not fit in 64 bits")
-
-
 def map_bits(columns: int, n_widths: int) -> int:
     """Bits of the per-column width map: an index into the layer's list of widths (one byte per width)."""
     return 8 * n_widths + columns * math.ceil(math.log2(n_widths)) if n_widths > 1 else 8
-
-
-def sparse_bits(rows: int, columns: int, nnz: int) -> tuple[int, int]:
-    """(value bits, index bits) of FP16 outliers in CSR with the narrowest index types."""
-    if nnz == 0:
-        return 0, 0
-    return nnz * FP16_BITS, nnz * index_bits(columns - 1) + (rows + 1) * index_bits(nnz)
 
 
 @dataclass
@@ -162,14 +148,6 @@ class CMPQWeight(QuantizedWeight):
         return BitBreakdown(weights=rows * columns, codes=padded_rows(rows) * int(widths.sum()), params=params,
                             outliers=values, indices=indices,
                             maps=map_bits(columns, int(torch.unique(widths).numel())))
-
-
-def top_k_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask of the `count` largest entries of `scores` (ties broken by position)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    if count > 0:
-        mask[torch.topk(scores.flatten(), count, sorted=False).indices] = True
-    return mask.view_as(scores)
 
 
 @register
@@ -388,7 +366,7 @@ class CMPQ(Quantizer):
 
         refresh(torch.arange(codebooks.shape[0]))
         return quantize_with_feedback(w, hessian, quantize_column, damp=self.config.damp,
-                                      act_order=self.config.act_order, begin_block=begin_block)
+                                      act_order=self.config.act_order, begin_group=begin_block)
 
     def _order(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Columns from most to least deserving of the higher width."""

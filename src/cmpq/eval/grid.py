@@ -1,0 +1,61 @@
+"""Keys of measured configurations, so grids (`cmpq compare`, benchmark tables) skip cells already stored.
+
+A cell is (model, method, its full config, calibration tokens, protocol); a stored record is matched to a cell
+by rebuilding its config through the method's current Config, so records written before a field was added
+still match cells that use that field's default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cmpq.calibration.precision import resolve_dtype
+from cmpq.config import CalibConfig, config_to_dict
+from cmpq.errors import CmpqError
+from cmpq.quantizers import get_quantizer
+
+
+def jsonable(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON types (tuples become lists), as records store it."""
+    return json.loads(json.dumps(config_to_dict(config)))
+
+
+def _key(model: str, method: str, config: dict | None, calib: list | None, protocol: str | None) -> str:
+    return json.dumps({"model": model, "method": method, "config": config, "calib": calib, "protocol": protocol},
+                      sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration to measure: `method` "float" or a registered quantizer with its options."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def full_options(self) -> dict[str, Any] | None:
+        """Every field of the method's config (JSON types), or None for the float model."""
+        return None if self.method == "float" else jsonable(get_quantizer(self.method, **self.options).config)
+
+    def key(self, model: str, calib: CalibConfig, protocol: str) -> str:
+        if self.method == "float":
+            return _key(model, "float", None, None, protocol)
+        quantizer = get_quantizer(self.method, **self.options)
+        used = [calib.source, calib.nsamples, calib.seqlen, calib.seed,
+                str(resolve_dtype(calib.dtype)).removeprefix("torch.")] if quantizer.calibration_needs() else None
+        return _key(model, self.method, jsonable(quantizer.config), used, protocol)
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """The key of a stored record (see the module docstring)."""
+    calib = record.get("calibration") or {}
+    config = record.get("config")
+    if config is not None:
+        try:
+            config = jsonable(get_quantizer(record["method"], **config).config)
+        except CmpqError:
+            pass  # a field that no longer exists: the record matches no current cell
+    used = [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"],
+            calib.get("resolved_dtype", "float32")] if calib.get("used") else None  # float32: before bf16 existed
+    return _key(record["model"], record["method"], config, used, record["protocol"])

@@ -1,0 +1,111 @@
+"""SmoothQuant (Xiao et al. 2023), W8A8 simulated: the weight+activation reference point.
+
+Activation outliers sit in a few input channels, which per-token 8-bit activation quantization handles badly.
+SmoothQuant divides those channels by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (alpha = 0.5) and multiplies
+the weight's columns by s_j, which leaves X W^T unchanged; then weights get per-output-channel symmetric
+8-bit grids and, at inference, each token's (smoothed) input a symmetric 8-bit grid of its own (dynamic).
+Simulated: the layer keeps the float weight Q(W s) / s and a forward pre-hook replaces its input x by
+Q_token(x / s) * s, the same product in the original basis. s is stored in FP16 (it can be folded into the
+preceding norm; counted here all the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cmpq.calibration.stats import LayerStats
+from cmpq.config import check
+from cmpq.packed.codes import padded_rows
+from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """bits: weight width (symmetric, per output channel); act_bits: per-token activation width; alpha:
+    migration strength (0 = all difficulty on activations, 1 = all on weights)."""
+
+    bits: int = 8
+    act_bits: int = 8
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "smoothquant.bits", "must be an integer in 2..8",
+              self.bits)
+        check(isinstance(self.act_bits, int) and 2 <= self.act_bits <= 16, "smoothquant.act_bits",
+              "must be an integer in 2..16", self.act_bits)
+        check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1, "smoothquant.alpha", "must be in [0, 1]",
+              self.alpha)
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x rounded to a symmetric grid of 2^(bits-1) - 1 levels per sign, one scale per token (last dim)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+
+
+@dataclass
+class SmoothQuantWeight(QuantizedWeight):
+    """Symmetric int codes of W * s (out, in), FP16 scale per output channel, FP16 smoothing factors (in,)."""
+
+    codes: torch.Tensor    # (out, in) int8
+    scale: torch.Tensor    # (out,) float16
+    smooth: torch.Tensor   # (in,) float16
+    bits: int
+    act_bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scale.float()[:, None] / self.smooth.float()[None, :]
+
+    def column_widths(self) -> torch.Tensor:
+        return torch.full((self.codes.shape[1],), self.bits, dtype=torch.uint8)
+
+    def storage(self) -> BitBreakdown:
+        out, columns = self.codes.shape
+        return BitBreakdown(weights=out * columns, codes=padded_rows(out) * columns * self.bits,
+                            params=(out + columns) * FP16_BITS)
+
+    def activation_hook(self):
+        smooth, bits = self.smooth.float(), self.act_bits
+
+        def hook(module: torch.nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            quantized = fake_quantize_per_token(x.float() / smooth, bits) * smooth
+            return (quantized.to(x.dtype), *args[1:])
+        return hook
+
+
+def smoothquant_quantize(weight: torch.Tensor, act_abs_max: torch.Tensor, config: SmoothQuantConfig) \
+        -> SmoothQuantWeight:
+    w = weight.float()
+    weight_max = w.abs().amax(dim=0).clamp(min=1e-5)
+    smooth = (act_abs_max.float().clamp(min=1e-5).pow(config.alpha) / weight_max.pow(1 - config.alpha))
+    smooth = smooth.clamp(min=1e-5).half().float()  # stored in FP16: quantize against the stored value
+    scaled = w * smooth[None, :]
+    qmax = 2 ** (config.bits - 1) - 1
+    scale = (scaled.abs().amax(dim=1) / qmax).half().float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.clamp(torch.round(scaled / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return SmoothQuantWeight(codes=codes, scale=scale.half(), smooth=smooth.half(), bits=config.bits,
+                             act_bits=config.act_bits)
+
+
+@register
+class SmoothQuant(Quantizer):
+    name = "smoothquant"
+    Config = SmoothQuantConfig
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({"col_abs_max"})
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, name: str = "") -> SmoothQuantWeight:
+        return smoothquant_quantize(weight, stats["col_abs_max"], self.config)
+
+
+__all__ = ["SmoothQuant", "SmoothQuantConfig", "SmoothQuantWeight", "fake_quantize_per_token", "smoothquant_quantize"]
