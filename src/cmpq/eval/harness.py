@@ -87,13 +87,11 @@ class TaskConfig:
 
 def _lm_eval():
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval
     except ImportError:
         raise CmpqError("task evaluation needs lm-evaluation-harness: pip install 'lm-eval>=0.4.9' (or install "
                         "cmpq with the [eval] extra)") from None
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task INFO/WARNING chatter hides our output
-    import lm_eval
-
     return lm_eval
 
 

@@ -25,7 +25,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from cmpq.atomic import atomic_write
 from cmpq.config import check
 from cmpq.data.sampling import eval_token_ids
 from cmpq.errors import CmpqError, FormatError
@@ -223,21 +223,7 @@ def build_reference(model: nn.Module, ids: torch.Tensor, config: KLDConfig, path
     `path` atomically: the file under that name is either absent (or the previous one) or complete."""
     path = Path(path)
     windows = eval_windows(ids, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the reference is an ordinary cache file
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_reference(handle, model, windows, config, model_id, progress)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: _write_reference(handle, model, windows, config, model_id, progress))
 
 
 def _read_header(path: Path) -> tuple[dict, int]:

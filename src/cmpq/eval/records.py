@@ -9,7 +9,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cmpq.atomic import atomic_write
 from cmpq.errors import CmpqError
 from cmpq.paths import CHECKOUT
 
@@ -89,19 +89,7 @@ def _append_locked(path: Path, record: dict[str, Any]) -> None:
     existing = path.read_bytes() if path.exists() else b""
     if existing and not existing.endswith(b"\n"):
         existing += b"\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(existing + (json.dumps(record, sort_keys=False) + "\n").encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: handle.write(existing + (json.dumps(record, sort_keys=False) + "\n").encode()))
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from cmpq.errors import FormatError
 from cmpq.kernels import native
 from cmpq.packed.codes import check_codes, pack_codes, pack_stream, unpack_codes, unpack_stream
-from cmpq.quantizers.cmpq.quantizer import CMPQWeight, index_bits
+from cmpq.quantizers.cmpq.quantizer import CMPQWeight
+from cmpq.quantizers.outliers import index_bits
 
 INDEX_DTYPES = {8: torch.uint8, 16: torch.uint16, 32: torch.int32, 64: torch.int64}
 

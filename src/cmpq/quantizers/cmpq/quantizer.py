@@ -26,7 +26,7 @@ from cmpq.quantizers.base import (BUDGET_TOLERANCE_BPW, FP16_BITS, BitBreakdown,
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 from cmpq.quantizers.error_feedback import quantize_with_feedback
-from cmpq.quantizers.outliers import index_bits, sparse_bits, top_k_mask  # noqa: F401 (re-exported)
+from cmpq.quantizers.outliers import sparse_bits, top_k_mask
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
 SCOPES = ("layer", "model")
