@@ -64,5 +64,8 @@ def measure(loaded: LoadedModel, cell: Cell, calib: CalibConfig, eval_config: Ev
         return workflow.float_record(loaded, ppl, eval_config.protocol, seconds)
     quantizer = get_quantizer(cell.method, **cell.options)
     result, calib_info = workflow.quantize(loaded, quantizer, calib)
-    ppl = workflow.evaluate(loaded, eval_config)
+    try:
+        ppl = workflow.evaluate(loaded, eval_config)
+    finally:
+        result.remove_hooks()  # activation quantizers (SmoothQuant) must not outlive their cell
     return workflow.quantization_record(loaded, quantizer, result, calib_info, ppl, eval_config.protocol)

@@ -14,7 +14,8 @@ from cmpq.quantizers.error_feedback import quantize_with_feedback
 from cmpq.quantizers.gptq import gptq_quantize
 from cmpq.quantizers.llmmq import quantize_with_outliers
 from cmpq.quantizers.rtn import quantize_uniform
-from cmpq.quantizers.smoothquant import fake_quantize_per_token, smoothquant_quantize, SmoothQuantConfig
+from cmpq.quantizers.smoothquant import (SmoothQuantConfig, fake_quantize_per_token, smoothing_factors,
+                                         smoothquant_quantize)
 
 
 def correlated_layer(out=40, columns=96, tokens=2048, seed=0):
@@ -120,23 +121,38 @@ def test_outliers_are_exact_and_counted():
     assert deq[3, 5] == torch.tensor(40.0).half().float()
     inner = quantize_uniform(w.masked_fill(w.abs() >= w.abs().flatten().topk(20).values[-1], 0), 2, 16).storage()
     nnz = qw.outlier_count()
-    assert qw.storage().total == inner.total + nnz * 16 + nnz * 8 + 33 * 8  # FP16 values, uint8 cols and rowptr
+    assert qw.storage().total == inner.total + nnz * 16 + nnz * 8 + 33 * 8 + 8  # FP16 values, uint8 cols, rowptr, width
 
 
 def test_smoothquant_migrates_activation_outliers():
     w, _, x = correlated_layer()
     x[:, 7] *= 30.0  # an activation outlier channel
-    qw = smoothquant_quantize(w, x.abs().amax(dim=0).double(), SmoothQuantConfig())
+    smooth = smoothing_factors(x.abs().amax(dim=0), w.abs().amax(dim=0), 0.5)
+    qw = smoothquant_quantize(w, smooth, SmoothQuantConfig())
     s = qw.smooth.float()
     assert s[7] > 3 * s[8:].median()  # the outlier channel is divided down the most
     hook = qw.activation_hook()
     y = torch.nn.functional.linear(hook(None, (x,))[0], qw.dequantize())
     y_naive = torch.nn.functional.linear(fake_quantize_per_token(x, 8),
-                                         smoothquant_quantize(w, torch.ones(96, dtype=torch.float64),
-                                                              SmoothQuantConfig(alpha=0.0)).dequantize())
+                                         smoothquant_quantize(w, torch.ones(96), SmoothQuantConfig()).dequantize())
     exact = x @ w.T
     assert (y - exact).square().mean() < 0.5 * (y_naive - exact).square().mean()
-    assert qw.storage().bpw == pytest.approx(8 * 48 / 40 + 16 * (40 + 96) / (40 * 96))
+    assert qw.storage().bpw == pytest.approx(8 * 48 / 40 + 16 * 40 / (40 * 96))  # s is folded into the norm
+
+
+def test_smoothquant_shares_factors_across_layers_reading_one_input():
+    model = tiny_model("llama")
+    quantizer = get_quantizer("smoothquant")
+    result = quantize_model(model, find_arch(model), quantizer, windows(), progress=False)
+    layers = result.layers
+    for block in (0, 1):
+        prefix = f"model.layers.{block}."
+        q, k, v = (layers[prefix + f"self_attn.{n}_proj"].smooth for n in "qkv")
+        assert torch.equal(q, k) and torch.equal(k, v)
+        assert torch.equal(layers[prefix + "mlp.gate_proj"].smooth, layers[prefix + "mlp.up_proj"].smooth)
+        assert not torch.equal(q, layers[prefix + "mlp.gate_proj"].smooth)
+        for skipped in ("self_attn.o_proj", "mlp.down_proj"):
+            assert torch.all(layers[prefix + skipped].smooth == 1)
 
 
 def test_smoothquant_installs_and_removes_activation_quantizers():

@@ -130,6 +130,8 @@ def test_cli_eval_records_tasks_and_kld(tmp_path, monkeypatch):
     assert record["kld"]["mean_kld"] == pytest.approx(0.0, abs=1e-6) and record["kld"]["top1_agreement"] == 1.0
     assert record["tasks"]["piqa"]["items"] == 2
     extras = Extras(tasks=("piqa",), limit=2, kld_windows=1)
+    assert not extras.satisfied(record)  # a compare cell also needs both perplexities
+    record["ppl"] = {"wikitext2": {"ppl": 1.0}, "c4": {"ppl": 1.0}}
     assert extras.satisfied(record) and not Extras(kld_windows=2).satisfied(record)
     assert not Extras(tasks=("piqa", "boolq"), limit=2).satisfied(record)
     assert json.dumps(record)  # JSON-serialisable

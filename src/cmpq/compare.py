@@ -41,6 +41,7 @@ INTEGER_METHODS: dict[str, dict[str, Any]] = {
     "squeezellm": {},
 }
 FIXED_METHODS: dict[str, dict[str, Any]] = {"smoothquant": {"bits": 8, "act_bits": 8}}
+GRID_DATASETS = ("wikitext2", "c4")  # every cell is evaluated on both (`cmpq quantize`'s default)
 COMPARE_METHODS = ("float", *INTEGER_METHODS, *TARGET_METHODS, *FIXED_METHODS)
 
 
@@ -68,6 +69,9 @@ class Extras:
 
     def satisfied(self, record: dict[str, Any]) -> bool:
         from cmpq.eval.harness import TaskConfig
+
+        if any(d not in (record.get("ppl") or {}) for d in GRID_DATASETS):
+            return False  # e.g. a record of `cmpq eval --ppl wikitext2` in the store
 
         if self.tasks:
             tasks = record.get("tasks") or {}
@@ -208,7 +212,7 @@ def render_table(rows: list[tuple[GridCell, dict[str, Any] | None]], model: str,
              "|---|---|---|---|" + "---|" * (len(datasets) + 2 * kld + len(tasks)) + "---|---|"]
     for cell, record in rows:
         if record is None:
-            lines.append(f"| {cell.name} | {cell.setting} | not measured |" + " |" * (len(datasets) + 4 + 2 * kld
+            lines.append(f"| {cell.name} | {cell.setting} | not measured |" + " |" * (len(datasets) + 3 + 2 * kld
                                                                                        + len(tasks)))
             continue
         ppl = " | ".join(_fmt(record["ppl"].get(d, {}).get("ppl")) for d in datasets) + " |"

@@ -89,38 +89,42 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     if feed:
         inputs = capture_block_inputs(model, blocks[0], windows, dtype)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
-    bar = tqdm(range(len(blocks)), desc=f"quantize [{quantizer.name}]", unit="block", disable=not progress)
-    for index in bar:
-        block = blocks[index]
-        linears = arch.block_linears(block)
-        groups = arch.groups if true_sequential else (arch.linear_names,)
-        for group in groups:
-            stats = _gather(block, {n: linears[n] for n in group}, needs, inputs, hidden) if needs else {}
-            for name in group:
-                bar.set_postfix_str(name)
-                linear = linears[name]
-                full_name = f"{arch.blocks_path}.{index}.{name}"
-                layer_stats = stats.get(name, LayerStats())
-                layer_stats.values.update(gradients.pop(full_name, {}))
-                try:
-                    qw = quantizer.quantize(linear.weight.data, layer_stats, full_name)
-                except CmpqError as exc:  # say which layer: targets can be unreachable for one shape only
-                    raise type(exc)(f"{full_name} {tuple(linear.weight.shape)}: {exc}") from exc
-                with torch.no_grad():
-                    linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
-                hook = qw.activation_hook()
-                if hook is not None:  # later blocks are calibrated on the quantized activations, as they run
-                    result.hooks.append(linear.register_forward_pre_hook(hook))
-                result.layers[full_name] = qw
-        # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
-        # and the last block's outputs feed only the head's statistics: skip the passes nothing reads.
-        if feed and (index + 1 < len(blocks) or head_needs):
-            run_block(block, inputs, hidden, spare)
-            hidden, spare = spare, hidden
-    bar.close()
-    if head is not None:
-        name, qw = quantize_head(model, arch.final_modules(model), head, hidden if head_needs else None, dtype)
-        result.layers[name], result.head = qw, name
+    try:
+        bar = tqdm(range(len(blocks)), desc=f"quantize [{quantizer.name}]", unit="block", disable=not progress)
+        for index in bar:
+            block = blocks[index]
+            linears = arch.block_linears(block)
+            groups = arch.groups if true_sequential else (arch.linear_names,)
+            for group in groups:
+                stats = _gather(block, {n: linears[n] for n in group}, needs, inputs, hidden) if needs else {}
+                for name in group:
+                    bar.set_postfix_str(name)
+                    linear = linears[name]
+                    full_name = f"{arch.blocks_path}.{index}.{name}"
+                    layer_stats = stats.get(name, LayerStats())
+                    layer_stats.values.update(gradients.pop(full_name, {}))
+                    try:
+                        qw = quantizer.quantize(linear.weight.data, layer_stats, full_name)
+                    except CmpqError as exc:  # say which layer: targets can be unreachable for one shape only
+                        raise type(exc)(f"{full_name} {tuple(linear.weight.shape)}: {exc}") from exc
+                    with torch.no_grad():
+                        linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
+                    hook = qw.activation_hook()
+                    if hook is not None:  # later blocks are calibrated on the quantized activations, as they run
+                        result.hooks.append(linear.register_forward_pre_hook(hook))
+                    result.layers[full_name] = qw
+            # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
+            # and the last block's outputs feed only the head's statistics: skip the passes nothing reads.
+            if feed and (index + 1 < len(blocks) or head_needs):
+                run_block(block, inputs, hidden, spare)
+                hidden, spare = spare, hidden
+        bar.close()
+        if head is not None:
+            name, qw = quantize_head(model, arch.final_modules(model), head, hidden if head_needs else None, dtype)
+            result.layers[name], result.head = qw, name
+    except BaseException:
+        result.remove_hooks()  # a failed run leaves no activation quantizers on the model
+        raise
     result.seconds = time.perf_counter() - start
     return result
 

@@ -7,7 +7,8 @@ a backward pass through the whole float model, which the block-by-block engine c
 Memory stays bounded: one calibration window at a time (its activations are freed after its backward), only
 the requested linears' weights require gradients (embeddings, norms and the head get none), and each
 statistic is one float32 accumulator the size of those weights. For smollm2-135m: 425 MB per statistic on
-top of the model, whatever the number of windows.
+top of the model, whatever the number of windows, plus the same again for the `.grad` tensors during each
+backward pass (freed right after it).
 """
 
 from __future__ import annotations

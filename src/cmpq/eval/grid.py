@@ -22,9 +22,11 @@ def jsonable(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(config_to_dict(config)))
 
 
-def _key(model: str, method: str, config: dict | None, calib: list | None, protocol: str | None) -> str:
-    return json.dumps({"model": model, "method": method, "config": config, "calib": calib, "protocol": protocol},
-                      sort_keys=True)
+def _key(model: str, method: str, config: dict | None, calib: list | None, protocol: str | None,
+         head: dict | None = None) -> str:
+    """`head`: the quantized output head's config (`--quantize-head`), None when the head stays float."""
+    return json.dumps({"model": model, "method": method, "config": config, "calib": calib, "protocol": protocol,
+                       "head": head}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -58,4 +60,5 @@ def record_key(record: dict[str, Any]) -> str:
             pass  # a field that no longer exists: the record matches no current cell
     used = [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"],
             calib.get("resolved_dtype", "float32")] if calib.get("used") else None  # float32: before bf16 existed
-    return _key(record["model"], record["method"], config, used, record["protocol"])
+    head = (record.get("head") or {}).get("config")
+    return _key(record["model"], record["method"], config, used, record["protocol"], head)

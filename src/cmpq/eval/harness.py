@@ -195,8 +195,13 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: TaskConfig, progress: bo
         if task == MMLU:
             out[MMLU] = _evaluate_mmlu(lm, config, show)
         else:
+            from cmpq.eval.task_data import TASKS
+
             result = _simple_evaluate(lm, [local_task_config(task)], config.items(task))
-            out[task] = {**_metrics(result, task), "items": len(result["samples"][task])}
+            # "converted": the local file is another project's format (PROVENANCE), e.g. HellaSwag's queries are
+            # llama.cpp's preprocessing, not lm-eval's: numbers may differ slightly from hub-based ones
+            out[task] = {**_metrics(result, task), "items": len(result["samples"][task]),
+                         "converted": TASKS[task].converted}
             if show:
                 print_samples(task, result["samples"][task][:show])
         out[task]["seconds"] = time.perf_counter() - start

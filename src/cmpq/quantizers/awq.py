@@ -18,6 +18,8 @@ Differences from llm-awq, all deliberate:
   the scale costs nothing at inference. The engine here quantizes one linear at a time and does not rewrite
   the model around it, so the scale is stored with the layer: 16 bits per input channel, counted under
   `params` (PROTOCOL's honest accounting), e.g. +0.25 bpw on a layer of 64 rows, +0.004 on 4096 rows.
+- Like every method here (GPTQ's sequential scheme, `pipeline.py`), a layer's statistics come from the
+  outputs of the blocks already quantized, where llm-awq searches every block on the float model's activations.
 - Grids are the project's asymmetric min-max grids (`quantize_uniform`: FP16 scale and integer zero, range
   widened to contain 0), the same as RTN and GPTQ, so the comparison isolates what AWQ adds.
 """

@@ -59,11 +59,12 @@ class LLMMQConfig:
 
 def quantize_with_outliers(weight: torch.Tensor, bits: int, group_size: int | None, fraction: float) -> WithOutliers:
     """Uniform group quantization with the round(fraction * numel) largest |W| kept in FP16. The outliers are
-    zeroed before the grids are fitted (every grid contains 0, so they no longer stretch it)."""
+    zeroed before the grids are fitted (every grid contains 0, so they no longer stretch it). The layer's
+    chosen width is stored as one byte (a per-layer bit-width map, PROTOCOL)."""
     w = weight.float()
     mask = top_k_mask(w.abs(), round(fraction * w.numel()))
     inner = quantize_uniform(w.masked_fill(mask, 0.0), bits, group_size)
-    return WithOutliers(inner=inner, outliers=SparseOutliers.from_mask(w, mask))
+    return WithOutliers(inner=inner, outliers=SparseOutliers.from_mask(w, mask), map_bits=8)  # the layer's width
 
 
 @register

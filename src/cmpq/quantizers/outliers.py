@@ -74,6 +74,7 @@ class WithOutliers(QuantizedWeight):
 
     inner: QuantizedWeight
     outliers: SparseOutliers
+    map_bits: int = 0  # per-layer metadata the method adds (LLM-MQ: the layer's width, one byte)
 
     @property
     def shape(self) -> tuple[int, int]:  # type: ignore[override]
@@ -90,4 +91,4 @@ class WithOutliers(QuantizedWeight):
 
     def storage(self) -> BitBreakdown:
         values, indices = self.outliers.bits(*self.shape)
-        return self.inner.storage() + BitBreakdown(outliers=values, indices=indices)
+        return self.inner.storage() + BitBreakdown(outliers=values, indices=indices, maps=self.map_bits)

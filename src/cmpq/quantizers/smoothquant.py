@@ -4,9 +4,12 @@ Activation outliers sit in a few input channels, which per-token 8-bit activatio
 SmoothQuant divides those channels by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (alpha = 0.5) and multiplies
 the weight's columns by s_j, which leaves X W^T unchanged; then weights get per-output-channel symmetric
 8-bit grids and, at inference, each token's (smoothed) input a symmetric 8-bit grid of its own (dynamic).
+As in the paper, s is shared by the linears that read the same normalised input (q/k/v; gate/up), with
+max|W_j| taken over all of them, so that it folds into the preceding norm's weight and costs nothing; the
+linears fed by attention or the MLP's product (o_proj, down_proj: `smooth_skip`) are not smoothed (s = 1),
+only quantized. Statistics come from the float model (a measuring pass), as the paper calibrates.
 Simulated: the layer keeps the float weight Q(W s) / s and a forward pre-hook replaces its input x by
-Q_token(x / s) * s, the same product in the original basis. s is stored in FP16 (it can be folded into the
-preceding norm; counted here all the same).
+Q_token(x / s) * s, the same product in the original basis.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
+from cmpq.errors import CmpqError
 from cmpq.packed.codes import padded_rows
 from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
 
@@ -29,6 +33,7 @@ class SmoothQuantConfig:
     bits: int = 8
     act_bits: int = 8
     alpha: float = 0.5
+    smooth_skip: tuple[str, ...] = ("o_proj", "down_proj", "out_proj", "fc2")
 
     def __post_init__(self) -> None:
         check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "smoothquant.bits", "must be an integer in 2..8",
@@ -37,6 +42,9 @@ class SmoothQuantConfig:
               "must be an integer in 2..16", self.act_bits)
         check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1, "smoothquant.alpha", "must be in [0, 1]",
               self.alpha)
+        check(isinstance(self.smooth_skip, (tuple, list)) and all(isinstance(k, str) for k in self.smooth_skip),
+              "smoothquant.smooth_skip", "must be a list of layer-name substrings", self.smooth_skip)
+        object.__setattr__(self, "smooth_skip", tuple(self.smooth_skip))
 
 
 def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -67,9 +75,10 @@ class SmoothQuantWeight(QuantizedWeight):
         return torch.full((self.codes.shape[1],), self.bits, dtype=torch.uint8)
 
     def storage(self) -> BitBreakdown:
+        """Codes and the FP16 scale per output channel; s is folded into the preceding norm (or is 1)."""
         out, columns = self.codes.shape
         return BitBreakdown(weights=out * columns, codes=padded_rows(out) * columns * self.bits,
-                            params=(out + columns) * FP16_BITS)
+                            params=out * FP16_BITS)
 
     def activation_hook(self):
         smooth, bits = self.smooth.float(), self.act_bits
@@ -81,13 +90,15 @@ class SmoothQuantWeight(QuantizedWeight):
         return hook
 
 
-def smoothquant_quantize(weight: torch.Tensor, act_abs_max: torch.Tensor, config: SmoothQuantConfig) \
-        -> SmoothQuantWeight:
-    w = weight.float()
-    weight_max = w.abs().amax(dim=0).clamp(min=1e-5)
-    smooth = (act_abs_max.float().clamp(min=1e-5).pow(config.alpha) / weight_max.pow(1 - config.alpha))
-    smooth = smooth.clamp(min=1e-5).half().float()  # stored in FP16: quantize against the stored value
-    scaled = w * smooth[None, :]
+def smoothing_factors(act_abs_max: torch.Tensor, weight_abs_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), as the FP16 value that is stored (folded) and used."""
+    s = act_abs_max.float().clamp(min=1e-5).pow(alpha) / weight_abs_max.float().clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5).half().float()
+
+
+def smoothquant_quantize(weight: torch.Tensor, smooth: torch.Tensor, config: SmoothQuantConfig) -> SmoothQuantWeight:
+    """Symmetric per-output-channel quantization of W diag(smooth), decoded back to the original basis."""
+    scaled = weight.float() * smooth[None, :]
     qmax = 2 ** (config.bits - 1) - 1
     scale = (scaled.abs().amax(dim=1) / qmax).half().float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -101,11 +112,40 @@ class SmoothQuant(Quantizer):
     name = "smoothquant"
     Config = SmoothQuantConfig
 
-    def needs(self) -> frozenset[str]:
+    def __init__(self, config: SmoothQuantConfig | None = None) -> None:
+        super().__init__(config)
+        self._measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._smooth: dict[str, torch.Tensor] = {}
+
+    def measures_model(self) -> bool:
+        return True
+
+    def measure_needs(self) -> frozenset[str]:
         return frozenset({"col_abs_max"})
 
+    def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
+        self._measured[name] = (stats["col_abs_max"].float(), weight.float().abs().amax(dim=0))
+
+    def plan(self) -> None:
+        """One s per shared input: layers whose inputs had bit-identical statistics read the same tensor (q/k/v,
+        gate/up of one block); max|W_j| is taken over all of them."""
+        groups: dict[bytes, list[str]] = {}
+        for name, (act, _) in self._measured.items():
+            groups.setdefault(act.numpy().tobytes(), []).append(name)
+        for names in groups.values():
+            act = self._measured[names[0]][0]
+            weight_max = torch.stack([self._measured[n][1] for n in names]).amax(dim=0)
+            for name in names:
+                skip = any(key in name for key in self.config.smooth_skip)
+                self._smooth[name] = torch.ones_like(act) if skip else smoothing_factors(act, weight_max,
+                                                                                          self.config.alpha)
+        self._measured.clear()
+
     def quantize(self, weight: torch.Tensor, stats: LayerStats, name: str = "") -> SmoothQuantWeight:
-        return smoothquant_quantize(weight, stats["col_abs_max"], self.config)
+        if name not in self._smooth:
+            raise CmpqError(f"smoothquant: layer '{name}' was not measured (the engine measures every layer first)")
+        return smoothquant_quantize(weight, self._smooth[name], self.config)
 
 
-__all__ = ["SmoothQuant", "SmoothQuantConfig", "SmoothQuantWeight", "fake_quantize_per_token", "smoothquant_quantize"]
+__all__ = ["SmoothQuant", "SmoothQuantConfig", "SmoothQuantWeight", "fake_quantize_per_token", "smoothing_factors",
+           "smoothquant_quantize"]
