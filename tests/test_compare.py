@@ -87,3 +87,16 @@ def test_quantize_options_json_overrides_and_is_validated(tmp_path):
     assert main(["quantize", "--model", str(model), "--method", "rtn", "--bits", "3", "--options",
                  json.dumps({"nope": 1}), "--eval", "none", "--no-progress"]) == 2
     assert Cell("rtn", {"bits": 3}).full_options() == {"bits": 3, "group_size": None}
+
+
+def test_integer_valued_targets_are_one_cell_and_a_quantized_head_is_another():
+    from cmpq.eval.grid import record_key
+
+    calib = compare.calibration("quick", "float32")
+    three = compare.grid(["cmpq"], [3])[0].cell
+    record = {"model": "m", "method": "cmpq", "config": {**three.options, "bits": 3.0}, "protocol": "quick",
+              "calibration": {"used": True, "source": "c4", "nsamples": 32, "seqlen": 512, "seed": 0,
+                              "resolved_dtype": "float32"}}
+    assert record_key(record) == three.key("m", calib, "quick")
+    with_head = {**record, "head": {"config": {"bits": 6}}}
+    assert record_key(with_head) != three.key("m", calib, "quick")

@@ -22,11 +22,22 @@ def jsonable(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(config_to_dict(config)))
 
 
+def _canonical(value: Any) -> Any:
+    """Integer-valued floats as ints, so `--bits 3` and `--bits 3.0` are the same cell."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
 def _key(model: str, method: str, config: dict | None, calib: list | None, protocol: str | None,
          head: dict | None = None) -> str:
     """`head`: the quantized output head's config (`--quantize-head`), None when the head stays float."""
-    return json.dumps({"model": model, "method": method, "config": config, "calib": calib, "protocol": protocol,
-                       "head": head}, sort_keys=True)
+    return json.dumps(_canonical({"model": model, "method": method, "config": config, "calib": calib,
+                                  "protocol": protocol, "head": head}), sort_keys=True)
 
 
 @dataclass(frozen=True)
