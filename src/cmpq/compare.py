@@ -205,8 +205,8 @@ def render_table(rows: list[tuple[GridCell, dict[str, Any] | None]], model: str,
     extra_head = (" KLD | top-1 % |" if kld else "") + "".join(f" {t} |" for t in tasks)
     lines = [f"{model}, perplexity protocol `{protocol}`, calibration {calib.source} {calib.nsamples} x "
              f"{calib.seqlen} ({calib.dtype} forwards), every method on the same tokens. Honest bpw counts every "
-             f"stored bit of the blocks' linear layers (PROTOCOL); quantization time and peak RSS are each cell's "
-             f"own process.", "",
+             f"stored bit of the blocks' linear layers (PROTOCOL). quant s and peak RSS are the cell's process "
+             f"(peak RSS includes the evaluation's); cells may have shared the machine with other work.", "",
              "| method | setting | honest bpw | code bpw | " + " | ".join(_DATASET_NAMES.get(d, d) for d in datasets)
              + " |" + extra_head + " quant s | peak RSS MB |",
              "|---|---|---|---|" + "---|" * (len(datasets) + 2 * kld + len(tasks)) + "---|---|"]
