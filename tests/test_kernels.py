@@ -30,7 +30,7 @@ def test_kernel_matches_reference(isa, mix, shape):
     rows, cols = shape
     layer = random_layer(rows, cols, mix, nnz=(rows * cols) // 50, seed=rows + len(mix))
     module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
-    for batch in (1, 3, 8, 9, 64):
+    for batch in (1, 2, 3, 4, 5, 8, 9, 64):
         x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
         module.kernel = "reference"
         expected = module(x)
@@ -49,6 +49,33 @@ def test_kernel_without_outliers_int8_codebooks_and_3d_input(isa):
     expected = module(x)
     module.kernel, module.isa = "native", isa
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_tiles_are_the_dequantized_weight_exactly(isa, dtype, monkeypatch):
+    """Tiles of every size, the last one partial, with outliers: float32 tiles equal the dequantized weight bit
+    for bit, bfloat16 tiles equal it rounded to bfloat16 (the rounding torch uses)."""
+    rows, cols = 203, 77
+    layer = random_layer(rows, cols, [1, 2, 3, 4, 5, 8], nnz=300, seed=3)
+    module = CMPQLinear.from_weight(layer)
+    prepared = module.prepare_native()
+    expected = module.dequantize()[:, prepared.order.long()].t().to(dtype)  # (cols, rows), stored order
+    groups = -(-rows // 16)
+    buffer = torch.empty(cols * 16 * groups, dtype=dtype)
+    for per_tile in (1, 3, groups):
+        got = torch.cat([prepared.tile(g0, min(groups, g0 + per_tile), buffer, native.ISAS[isa]).clone()
+                         for g0 in range(0, groups, per_tile)], dim=1)
+        assert torch.equal(got, expected), (isa, per_tile)
+    monkeypatch.setattr(native, "TILE_BYTES", 16 * cols * 4 * 2)  # two groups per tile in the module's matmul
+    x = torch.randn(2, 5, cols).to(dtype)
+    module.kernel = "reference"
+    reference = module(x)
+    module.kernel, module.isa = "native", isa
+    got = module(x)
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), reference.float(), rtol=tolerance, atol=tolerance * reference.abs().max().item())
 
 
 def test_auto_falls_back_to_reference_with_a_warning_when_the_kernels_are_missing(monkeypatch):

@@ -9,8 +9,9 @@
  * each output is then a sum of table look-ups. AVX-512 (with VBMI): one vpmultishiftqb turns a 64-bit window
  * of codes into 16 table indices (rows 0..7 start at bit 0, rows 8..15 at byte w), and vpermps looks the 16
  * values up in one register (widths above 4 bits use vpermi2ps on 32 entries and blend on the higher bits).
- * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row. dequant_t
- * (prefill): the weight, transposed and in stored column order, for a dense matmul.
+ * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row; batches of 2..8 share
+ * each decoded window across their tokens. dequant_tile (prefill): tiles of rows of the weight, transposed and in stored column order, float32 or bfloat16,
+ * for a dense matmul.
  *
  * Runtime dispatch: isa 2 = AVX-512 (F+BW+VBMI), 1 = AVX2, 0 = portable C; -1 picks the best this CPU supports.
  * No Python or torch headers: called through ctypes with raw pointers.
@@ -122,17 +123,33 @@ static void gemv_portable(const layer_t *L, const float *T, int64_t tsize, int64
     }
 }
 
-static void dequant_portable(const layer_t *L, float *Wt, int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-        const uint16_t *p = L->codes + g * L->words;
-        for (int64_t i = 0; i < L->cols; ++i) {
-            const int w = L->widths[i];
+/* ---- tile dequantization (prefill): out[i * ld + r - rbase] for stored column i and row r of groups [g0, g1),
+ * float32 or bfloat16 (round to nearest even), so that a dense matmul can use the tile ---- */
+static inline uint16_t bf16_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof(u));
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline void put(void *out, int bf16, int64_t e, float v) {
+    if (bf16) ((uint16_t *)out)[e] = bf16_bits(v);
+    else ((float *)out)[e] = v;
+}
+
+static void dequant_portable(const layer_t *L, void *out, int64_t ld, int64_t rbase, int bf16, int64_t g0,
+                             int64_t g1) {
+    int64_t woff = 0;
+    for (int64_t i = 0; i < L->cols; ++i) {
+        const int w = L->widths[i];
+        const float *cb = L->codebooks + L->cb_offset[i];
+        for (int64_t g = g0; g < g1; ++g) {
+            const uint16_t *p = L->codes + g * L->words + woff;
             for (int lane = 0; lane < GROUP; ++lane) {
                 const int64_t r = g * GROUP + lane;
-                if (r < L->rows) Wt[i * L->rows + r] = L->codebooks[L->cb_offset[i] + code_at(p, lane, w)];
+                if (r < L->rows) put(out, bf16, i * ld + r - rbase, cb[code_at(p, lane, w)]);
             }
-            p += w;
         }
+        woff += w;
     }
 }
 
@@ -178,14 +195,25 @@ T512 static inline __m512 lookup512(const float *t, __m512i idx, int w) {
 
 /* Batch 1, four 16-row groups per pass, one segment of columns of the same width W: the column's table is
  * loaded into registers once for 64 rows and W is a compile-time constant, so every branch folds away. Per 16
- * weights: one window load, one vpmultishiftqb, one vpermps (vpermi2ps above 4 bits), one add. */
+ * weights: one window load, one vpmultishiftqb, one vpermps (vpermi2ps above 4 bits), one add. Even and odd
+ * columns add into separate accumulators: eight independent add chains hide the add latency. */
 #define DEF_SEG512(W)                                                                                           \
     T512 static inline const uint16_t *seg512_##W(const float *t, int64_t n, const uint16_t *p, int64_t words,   \
                                                   __m512 acc[4]) {                                              \
         const __m512i ctrl = ctrl512(W);                                                                        \
-        for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W)                                                    \
+        __m512 odd[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};  \
+        int64_t i = 0;                                                                                          \
+        for (; i + 2 <= n; i += 2, t += 2 << W, p += 2 * W)                                                     \
+            for (int j = 0; j < 4; ++j) {                                                                       \
+                acc[j] = _mm512_add_ps(acc[j], lookup512(t, decode512(p + j * words, W, ctrl), W));            \
+                odd[j] = _mm512_add_ps(odd[j], lookup512(t + (1 << W), decode512(p + W + j * words, W, ctrl), W)); \
+            }                                                                                                   \
+        if (i < n) {                                                                                            \
             for (int j = 0; j < 4; ++j)                                                                         \
-                acc[j] = _mm512_add_ps(acc[j], lookup512(t, decode512(p + j * words, W, ctrl), W));           \
+                acc[j] = _mm512_add_ps(acc[j], lookup512(t, decode512(p + j * words, W, ctrl), W));            \
+            t += 1 << W, p += W;                                                                                \
+        }                                                                                                       \
+        for (int j = 0; j < 4; ++j) acc[j] = _mm512_add_ps(acc[j], odd[j]);                                    \
         return p;                                                                                               \
     }
 DEF_SEG512(1)
@@ -197,9 +225,96 @@ DEF_SEG512(6)
 DEF_SEG512(7)
 DEF_SEG512(8)
 
+/* Batch 2..8: NG groups per pass and B tokens, both compile-time constants (B * NG <= 16 accumulators stay in
+ * registers): each column's codes are decoded once per group for all B tokens, and each token's table is loaded
+ * once for the NG groups. */
+#define AI __attribute__((always_inline))
+T512 static inline AI const uint16_t *segb512(const float *t, int64_t tsize, int64_t n, const uint16_t *p,
+                                              int64_t words, __m512 acc[MAX_BATCH][4], const int B, const int NG,
+                                              const int W) {
+    const __m512i ctrl = ctrl512(W), low = _mm512_set1_epi32((1 << W) - 1);
+    for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W) {
+        __m512i idx[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NG; ++j) {
+            idx[j] = decode512(p + j * words, W, ctrl);
+            if (W < 4) idx[j] = _mm512_and_si512(idx[j], low);
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) {
+            if (W <= 4) {
+                const __m512 table = _mm512_loadu_ps(t + b * tsize);
+#pragma GCC unroll 4
+                for (int j = 0; j < NG; ++j) acc[b][j] = _mm512_add_ps(acc[b][j], _mm512_permutexvar_ps(idx[j], table));
+            } else {
+#pragma GCC unroll 4
+                for (int j = 0; j < NG; ++j) acc[b][j] = _mm512_add_ps(acc[b][j], lookup512(t + b * tsize, idx[j], W));
+            }
+        }
+    }
+    return p;
+}
+
+/* groups [g, g + NG) for B tokens */
+T512 static inline AI void gemvb512(const layer_t *L, const float *T, int64_t tsize, float *y, int64_t g, const int B,
+                                    const int NG) {
+    __m512 acc[MAX_BATCH][4];
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b)
+#pragma GCC unroll 4
+        for (int j = 0; j < NG; ++j) acc[b][j] = _mm512_setzero_ps();
+    const uint16_t *p = L->codes + g * L->words;
+    for (int64_t i = 0; i < L->cols;) {
+        const int w = L->widths[i];
+        int64_t n = 1;
+        while (i + n < L->cols && L->widths[i + n] == w) ++n;
+        const float *t = T + L->cb_offset[i];
+        switch (w) {
+            case 1: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 1); break;
+            case 2: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 2); break;
+            case 3: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 3); break;
+            case 4: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 4); break;
+            case 5: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 5); break;
+            case 6: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 6); break;
+            case 7: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 7); break;
+            default: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 8); break;
+        }
+        i += n;
+    }
+    for (int j = 0; j < NG; ++j) {
+        const int64_t r = (g + j) * GROUP, left = L->rows - r;
+        const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(y + b * L->rows + r, m, acc[b][j]);
+    }
+}
+
+#define DEF_GEMVB512(B, NG)                                                                                     \
+    T512 static int64_t gemvb512_##B(const layer_t *L, const float *T, int64_t tsize, float *y, int64_t g,       \
+                                     int64_t g1) {                                                              \
+        for (; g + NG <= g1; g += NG) gemvb512(L, T, tsize, y, g, B, NG);                                        \
+        return g;                                                                                               \
+    }
+DEF_GEMVB512(2, 4)
+DEF_GEMVB512(3, 4)
+DEF_GEMVB512(4, 4)
+DEF_GEMVB512(5, 2)
+DEF_GEMVB512(6, 2)
+DEF_GEMVB512(7, 2)
+DEF_GEMVB512(8, 2)
+
 T512 static void gemv_avx512(const layer_t *L, const float *T, int64_t tsize, int64_t batch, float *y, int64_t g0,
                              int64_t g1) {
     int64_t g = g0;
+    switch (batch) {  /* full passes of the batched path; leftover groups go through the generic loop below */
+        case 2: g = gemvb512_2(L, T, tsize, y, g, g1); break;
+        case 3: g = gemvb512_3(L, T, tsize, y, g, g1); break;
+        case 4: g = gemvb512_4(L, T, tsize, y, g, g1); break;
+        case 5: g = gemvb512_5(L, T, tsize, y, g, g1); break;
+        case 6: g = gemvb512_6(L, T, tsize, y, g, g1); break;
+        case 7: g = gemvb512_7(L, T, tsize, y, g, g1); break;
+        case 8: g = gemvb512_8(L, T, tsize, y, g, g1); break;
+        default: break;
+    }
     if (batch == 1) {
         for (; g + 4 <= g1; g += 4) {
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -247,19 +362,51 @@ T512 static void gemv_avx512(const layer_t *L, const float *T, int64_t tsize, in
     }
 }
 
-T512 static void dequant_avx512(const layer_t *L, float *Wt, int64_t g0, int64_t g1) {
-    __m512i ctrls[9];
-    for (int w = 1; w <= 8; ++w) ctrls[w] = ctrl512(w);
-    for (int64_t g = g0; g < g1; ++g) {
-        const uint16_t *p = L->codes + g * L->words;
-        const int64_t r = g * GROUP, left = L->rows - r;
-        const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        for (int64_t i = 0; i < L->cols; ++i) {
-            const int w = L->widths[i];
-            const __m512 v = lookup512(L->codebooks + L->cb_offset[i], decode512(p, w, ctrls[w]), w);
-            _mm512_mask_storeu_ps(Wt + i * L->rows + r, m, v);
-            p += w;
+T512 static inline void store512(void *out, int bf16, int64_t e, __m512 v, __mmask16 m) {
+    if (bf16) {
+        __m512i u = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+        _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)out + e, m, u);
+    } else {
+        _mm512_mask_storeu_ps((float *)out + e, m, v);
+    }
+}
+
+/* one segment of n stored columns of width W, groups [g0, g1) */
+T512 static inline AI void dequant_seg512(const layer_t *L, const float *cb, int64_t n, int64_t woff, int64_t i0,
+                                          void *out, int64_t ld, int64_t rbase, int bf16, int64_t g0, int64_t g1,
+                                          const int W) {
+    const __m512i ctrl = ctrl512(W);
+    for (int64_t i = i0; i < i0 + n; ++i, cb += 1 << W, woff += W)
+        for (int64_t g = g0; g < g1; ++g) {
+            const int64_t r = g * GROUP, left = L->rows - r;
+            const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            store512(out, bf16, i * ld + r - rbase, lookup512(cb, decode512(L->codes + g * L->words + woff, W, ctrl), W),
+                     m);
         }
+}
+
+T512 static void dequant_avx512(const layer_t *L, void *out, int64_t ld, int64_t rbase, int bf16, int64_t g0,
+                                int64_t g1) {
+    int64_t woff = 0;
+    for (int64_t i = 0; i < L->cols;) {
+        const int w = L->widths[i];
+        int64_t n = 1;
+        while (i + n < L->cols && L->widths[i + n] == w) ++n;
+        const float *cb = L->codebooks + L->cb_offset[i];
+        switch (w) {
+            case 1: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 1); break;
+            case 2: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 2); break;
+            case 3: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 3); break;
+            case 4: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 4); break;
+            case 5: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 5); break;
+            case 6: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 6); break;
+            case 7: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 7); break;
+            default: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 8); break;
+        }
+        woff += n * w;
+        i += n;
     }
 }
 
@@ -317,25 +464,43 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const layer_t *L, cons
     }
 }
 
-__attribute__((target("avx2,fma"))) static void dequant_avx2(const layer_t *L, float *Wt, int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-        for (int half = 0; half < 2; ++half) {
-            const int64_t r = g * GROUP + 8 * half, left = L->rows - r;
-            if (left <= 0) break;
-            const uint16_t *p = L->codes + g * L->words;
-            for (int64_t i = 0; i < L->cols; ++i) {
-                const int w = L->widths[i];
-                const __m256 v = lookup256(L->codebooks + L->cb_offset[i], decode256(p, w, half), w);
-                if (left >= 8) {
-                    _mm256_storeu_ps(Wt + i * L->rows + r, v);
-                } else {
-                    float tmp[8];
-                    _mm256_storeu_ps(tmp, v);
-                    memcpy(Wt + i * L->rows + r, tmp, sizeof(float) * (size_t)left);
-                }
-                p += w;
-            }
+__attribute__((target("avx2,fma"))) static inline void store256(void *out, int bf16, int64_t e, __m256 v,
+                                                                  int64_t left) {
+    if (bf16) {
+        __m256i u = _mm256_castps_si256(v);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        if (left >= 8) {
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + e), packed);
+        } else {
+            uint16_t tmp[8];
+            _mm_storeu_si128((__m128i *)tmp, packed);
+            memcpy((uint16_t *)out + e, tmp, sizeof(uint16_t) * (size_t)left);
         }
+    } else if (left >= 8) {
+        _mm256_storeu_ps((float *)out + e, v);
+    } else {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, v);
+        memcpy((float *)out + e, tmp, sizeof(float) * (size_t)left);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void dequant_avx2(const layer_t *L, void *out, int64_t ld, int64_t rbase,
+                                                             int bf16, int64_t g0, int64_t g1) {
+    int64_t woff = 0;
+    for (int64_t i = 0; i < L->cols; ++i) {
+        const int w = L->widths[i];
+        const float *cb = L->codebooks + L->cb_offset[i];
+        for (int64_t g = g0; g < g1; ++g)
+            for (int half = 0; half < 2; ++half) {
+                const int64_t r = g * GROUP + 8 * half, left = L->rows - r;
+                if (left <= 0) break;
+                store256(out, bf16, i * ld + r - rbase, lookup256(cb, decode256(L->codes + g * L->words + woff, w, half), w),
+                         left);
+            }
+        woff += w;
     }
 }
 #endif
@@ -390,23 +555,39 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
     return 0;
 }
 
-/* Wt (cols, rows): the dequantized weight, transposed, columns in stored order (outliers not applied). */
-int cmpq_dequant_t(float *Wt, int64_t rows, int64_t cols, const uint16_t *codes, const uint8_t *widths,
-                   const float *codebooks, const int64_t *cb_offset, int isa, int nthreads) {
+/* out (cols, ld): rows [g0 * 16, min(g1 * 16, rows)) of the dequantized weight, transposed (stored column i at
+ * out[i * ld + r - g0 * 16]), float32 or bfloat16 (bf16 = 1), with the outliers (CSR by row: orow; their stored
+ * column opos and value ovalue) written in place: the tile a prefill matmul reads. Returns 0, or -1 for an
+ * unsupported isa or range. */
+int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, int64_t rows, int64_t cols,
+                      const uint16_t *codes, const uint8_t *widths, const float *codebooks, const int64_t *cb_offset,
+                      const int32_t *orow, const int32_t *opos, const float *ovalue, int isa, int nthreads) {
     if (isa < 0) isa = cmpq_best_isa();
-    if (!cmpq_isa_supported(isa)) return -1;
     layer_t L;
     make_layer(&L, rows, cols, codes, NULL, widths, codebooks, cb_offset, NULL, NULL, NULL, NULL);
+    if (!cmpq_isa_supported(isa) || g0 < 0 || g1 > L.groups || g0 >= g1 || ld < (g1 - g0) * GROUP) return -1;
     const int threads = threads_for(nthreads);
-    (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t g = 0; g < L.groups; ++g) {
-#ifdef CMPQ_X86
-        if (isa == 2) dequant_avx512(&L, Wt, g, g + 1);
-        else if (isa == 1) dequant_avx2(&L, Wt, g, g + 1);
-        else
+    const int64_t rbase = g0 * GROUP;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+        const int64_t team = 1, me = 0;
 #endif
-            dequant_portable(&L, Wt, g, g + 1);
+        /* contiguous runs of groups per thread: the column-outer loops write long runs of each output row */
+        const int64_t per = (g1 - g0 + team - 1) / team, a = g0 + me * per, b = a + per < g1 ? a + per : g1;
+        if (a < b) {
+#ifdef CMPQ_X86
+            if (isa == 2) dequant_avx512(&L, out, ld, rbase, bf16, a, b);
+            else if (isa == 1) dequant_avx2(&L, out, ld, rbase, bf16, a, b);
+            else
+#endif
+                dequant_portable(&L, out, ld, rbase, bf16, a, b);
+            const int64_t r1 = b * GROUP < rows ? b * GROUP : rows;
+            for (int64_t r = a * GROUP; r < r1; ++r)
+                for (int32_t k = orow[r]; k < orow[r + 1]; ++k) put(out, bf16, opos[k] * ld + r - rbase, ovalue[k]);
+        }
     }
     return 0;
 }

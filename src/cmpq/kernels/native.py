@@ -19,7 +19,8 @@ import torch
 from cmpq.packed.codes import codes_at
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-MAX_BATCH = 8  # rows of x handled by the LUT-GEMV; larger batches dequantize and use a dense matmul
+MAX_BATCH = 8  # rows of x handled by the LUT-GEMV; larger batches dequantize tiles and use a dense matmul
+TILE_BYTES = 4 << 20  # one dequantized tile: small enough to stay in cache while the matmul reads it
 _PAD = 16      # kernels load whole 16-float registers from tables and codebooks
 
 
@@ -35,8 +36,8 @@ def library() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.cmpq_lut_gemv.argtypes = [p, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32, i32]
     lib.cmpq_lut_gemv.restype = i32
-    lib.cmpq_dequant_t.argtypes = [p, i64, i64, p, p, p, p, i32, i32]
-    lib.cmpq_dequant_t.restype = i32
+    lib.cmpq_dequant_tile.argtypes = [p, i64, i64, i64, i32, i64, i64, p, p, p, p, p, p, p, i32, i32]
+    lib.cmpq_dequant_tile.restype = i32
     lib.cmpq_isa_supported.argtypes = [i32]
     lib.cmpq_isa_supported.restype = i32
     lib.cmpq_best_isa.restype = i32
@@ -93,7 +94,7 @@ class PreparedLayer:
     ocol: torch.Tensor         # (nnz,) int32
     odelta: torch.Tensor       # (nnz,) float32
     outlier_values: torch.Tensor  # (nnz,) float32, for the dense path
-    outlier_flat: torch.Tensor    # (nnz,) int64: each outlier's index into the flattened `weight_t`
+    outlier_pos: torch.Tensor     # (nnz,) int32: each outlier's stored column, for the dense path
     table_size: int
 
     def __post_init__(self) -> None:
@@ -115,22 +116,31 @@ class PreparedLayer:
             raise RuntimeError(f"cmpq_lut_gemv failed (isa {isa}, batch {batch})")
         return y
 
-    def weight_t(self, isa: int = -1, threads: int = 0) -> torch.Tensor:
-        """The dequantized weight transposed, rows in stored column order (cols, rows), outliers applied."""
-        lib = library()
-        wt = torch.empty(self.cols, self.rows, dtype=torch.float32)
-        status = lib.cmpq_dequant_t(_ptr(wt), self.rows, self.cols, _ptr(self.codes), _ptr(self.widths),
-                                    _ptr(self.codebooks), _ptr(self.cb_offset), isa, threads)
+    def tile(self, g0: int, g1: int, out: torch.Tensor, isa: int = -1, threads: int = 0) -> torch.Tensor:
+        """Rows [16 g0, 16 g1) of the dequantized weight, outliers applied, transposed with columns in stored
+        order: (cols, rows of the tile), in `out`'s dtype (float32 or bfloat16), written into `out`."""
+        width = min(self.rows, 16 * g1) - 16 * g0
+        ld = 16 * (g1 - g0)
+        view = out.view(-1)[: self.cols * ld].view(self.cols, ld)
+        status = library().cmpq_dequant_tile(view.data_ptr(), ld, g0, g1, int(out.dtype == torch.bfloat16),
+                                             self.rows, self.cols, _ptr(self.codes), _ptr(self.widths),
+                                             _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.orow),
+                                             _ptr(self.outlier_pos), _ptr(self.outlier_values), isa, threads)
         if status != 0:
-            raise RuntimeError(f"cmpq_dequant_t failed (isa {isa})")
-        if self.outlier_values.numel():
-            wt.view(-1)[self.outlier_flat] = self.outlier_values
-        return wt
+            raise RuntimeError(f"cmpq_dequant_tile failed (isa {isa}, groups {g0}..{g1})")
+        return view[:, :width]
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
-        """x (n, cols) -> (n, rows) through a dequantized tile and a dense matmul (prefill)."""
-        y = x[:, self._order64] @ self.weight_t(isa, threads)
-        return y if bias is None else y + bias
+        """x (n, cols) float32 or bfloat16 -> (n, rows) in x's dtype (prefill): tiles of rows are dequantized in
+        x's dtype into one cache-sized buffer, each followed by a dense matmul."""
+        x = x[:, self._order64]
+        groups = -(-self.rows // 16)
+        per_tile = max(1, min(groups, TILE_BYTES // (16 * self.cols * x.element_size())))
+        buffer = torch.empty(self.cols * 16 * per_tile, dtype=x.dtype)
+        parts = [x @ self.tile(g0, min(groups, g0 + per_tile), buffer, isa, threads)
+                 for g0 in range(0, groups, per_tile)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return y if bias is None else y + bias.to(y.dtype)
 
 
 def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entries: torch.Tensor,
@@ -157,5 +167,5 @@ def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entr
         widths=widths.to(torch.uint8).contiguous(),
         codebooks=torch.cat([entries.float(), torch.zeros(_PAD, dtype=torch.float32)]).contiguous(),
         cb_offset=offsets.to(torch.int64).contiguous(), orow=rowptr, ocol=outlier_cols.to(torch.int32).contiguous(),
-        odelta=(values - replaced.float()).contiguous(), outlier_values=values,
-        outlier_flat=stored_col * rows + outlier_rows.long(), table_size=int(sizes.sum()))
+        odelta=(values - replaced.float()).contiguous(), outlier_values=values.contiguous(),
+        outlier_pos=stored_col.to(torch.int32).contiguous(), table_size=int(sizes.sum()))

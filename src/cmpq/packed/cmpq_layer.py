@@ -207,8 +207,8 @@ class PackedLinear(nn.Module):
 class CMPQLinear(PackedLinear):
     """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file).
 
-    Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for up to 8 tokens, a dequantized tile
-    and a dense matmul above) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
+    Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for up to 8 tokens, dequantized tiles
+    and dense matmuls above, in bfloat16 when the input is) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
     "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either."""
 
     def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
@@ -244,11 +244,13 @@ class CMPQLinear(PackedLinear):
         if prepared is None:
             prepared = self._native = self.prepare_native()
         x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
         tokens = x2.shape[0]
         if tokens == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
+        # decode tables are float32; a bfloat16 prefill dequantizes bfloat16 tiles for a bfloat16 matmul
+        dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 and tokens > native.MAX_BATCH else torch.float32
+        if x2.dtype != dtype or not x2.is_contiguous():
+            x2 = x2.to(dtype).contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
         isa, threads = native.isa_code(self.isa), torch.get_num_threads()
         if tokens <= native.MAX_BATCH:
@@ -256,7 +258,7 @@ class CMPQLinear(PackedLinear):
         else:
             y = prepared.matmul(x2, bias, isa, threads)
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y if x.dtype == y.dtype else y.to(x.dtype)
 
     def validate(self, where: str = "layer") -> None:
         """Raise FormatError on any inconsistency of the stored tensors (cheap: the codes are not unpacked)."""
