@@ -30,7 +30,7 @@ def test_kernel_matches_reference(isa, mix, shape):
     rows, cols = shape
     layer = random_layer(rows, cols, mix, nnz=(rows * cols) // 50, seed=rows + len(mix))
     module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
-    for batch in (1, 2, 3, 4, 5, 8, 9, 64):
+    for batch in (1, 2, 3, 4, 5, 8, 9, 20, 33, 64):
         x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
         module.kernel = "reference"
         expected = module(x)
@@ -68,7 +68,7 @@ def test_prefill_tiles_are_the_dequantized_weight_exactly(isa, dtype, monkeypatc
                          for g0 in range(0, groups, per_tile)], dim=1)
         assert torch.equal(got, expected), (isa, per_tile)
     monkeypatch.setattr(native, "TILE_BYTES", 16 * cols * 4 * 2)  # two groups per tile in the module's matmul
-    x = torch.randn(2, 5, cols).to(dtype)
+    x = torch.randn(2, 20, cols).to(dtype)  # 40 tokens: tiles for both dtypes
     module.kernel = "reference"
     reference = module(x)
     module.kernel, module.isa = "native", isa

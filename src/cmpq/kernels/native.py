@@ -19,7 +19,11 @@ import torch
 from cmpq.packed.codes import codes_at
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-MAX_BATCH = 8  # rows of x handled by the LUT-GEMV; larger batches dequantize tiles and use a dense matmul
+MAX_BATCH = 8  # tokens per LUT-GEMV call (the kernel's register blocking)
+# Path choice, measured with `cmpq bench kernels` on this 2-core machine: float32 inputs go through the LUT-GEMV
+# in calls of 8 up to LUT_TOKENS tokens (at 16 tokens 2x faster than dequantized tiles on 11008x4096, level at 64
+# on smollm2's shapes); above, and for bfloat16 inputs above MAX_BATCH, tiles and a dense matmul in the input's dtype.
+LUT_TOKENS = 32
 TILE_BYTES = 4 << 20  # one dequantized tile: small enough to stay in cache while the matmul reads it
 _PAD = 16      # kernels load whole 16-float registers from tables and codebooks
 
@@ -106,14 +110,18 @@ class PreparedLayer:
                        _ptr(self.odelta))
 
     def gemv(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
-        """x (batch <= MAX_BATCH, cols) float32 contiguous -> (batch, rows)."""
+        """x (batch, cols) float32 contiguous -> (batch, rows), in LUT-GEMV calls of up to MAX_BATCH tokens."""
         batch = x.shape[0]
         y = torch.empty(batch, self.rows, dtype=torch.float32)
-        tables = torch.empty(batch * self.table_size + _PAD, dtype=torch.float32)  # per call: thread-safe
-        status = library().cmpq_lut_gemv(x.data_ptr(), batch, y.data_ptr(), tables.data_ptr(), *self._fixed,
-                                         _ptr(bias), isa, threads)
-        if status != 0:
-            raise RuntimeError(f"cmpq_lut_gemv failed (isa {isa}, batch {batch})")
+        chunk = min(batch, MAX_BATCH)
+        tables = torch.empty(chunk * self.table_size + _PAD, dtype=torch.float32)  # per call: thread-safe
+        lib = library()
+        for start in range(0, batch, MAX_BATCH):
+            n = min(MAX_BATCH, batch - start)
+            status = lib.cmpq_lut_gemv(x[start].data_ptr(), n, y[start].data_ptr(), tables.data_ptr(), *self._fixed,
+                                       _ptr(bias), isa, threads)
+            if status != 0:
+                raise RuntimeError(f"cmpq_lut_gemv failed (isa {isa}, batch {n})")
         return y
 
     def tile(self, g0: int, g1: int, out: torch.Tensor, isa: int = -1, threads: int = 0) -> torch.Tensor:

@@ -207,8 +207,8 @@ class PackedLinear(nn.Module):
 class CMPQLinear(PackedLinear):
     """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file).
 
-    Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for up to 8 tokens, dequantized tiles
-    and dense matmuls above, in bfloat16 when the input is) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
+    Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for few tokens, dequantized tiles and
+    dense matmuls for more, in bfloat16 when the input is) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
     "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either."""
 
     def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
@@ -247,16 +247,14 @@ class CMPQLinear(PackedLinear):
         tokens = x2.shape[0]
         if tokens == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        # decode tables are float32; a bfloat16 prefill dequantizes bfloat16 tiles for a bfloat16 matmul
-        dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 and tokens > native.MAX_BATCH else torch.float32
+        # LUT tables are float32; above MAX_BATCH a bfloat16 input gets bfloat16 tiles and a bfloat16 matmul
+        lut = tokens <= native.MAX_BATCH or (x2.dtype != torch.bfloat16 and tokens <= native.LUT_TOKENS)
+        dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 and not lut else torch.float32
         if x2.dtype != dtype or not x2.is_contiguous():
             x2 = x2.to(dtype).contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
         isa, threads = native.isa_code(self.isa), torch.get_num_threads()
-        if tokens <= native.MAX_BATCH:
-            y = prepared.gemv(x2, bias, isa, threads)
-        else:
-            y = prepared.matmul(x2, bias, isa, threads)
+        y = prepared.gemv(x2, bias, isa, threads) if lut else prepared.matmul(x2, bias, isa, threads)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == y.dtype else y.to(x.dtype)
 
