@@ -96,9 +96,9 @@ def test_evaluate_tasks_on_a_tiny_model():
 
 
 def test_task_config_protocols_and_errors():
-    assert TaskConfig(protocol="quick").items("piqa") == 500 and TaskConfig(protocol="quick").items("mmlu") == 10
+    assert TaskConfig(protocol="quick").items("piqa") == 200 and TaskConfig(protocol="quick").items("mmlu") == 5
     assert TaskConfig(protocol="full").items("piqa") is None
-    assert "first 500" in TaskConfig().label()
+    assert "first 200" in TaskConfig().label()
     with pytest.raises(ConfigError, match="unknown"):
         TaskConfig(tasks=("arc",))
     with pytest.raises(ConfigError, match="limit"):

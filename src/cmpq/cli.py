@@ -89,7 +89,7 @@ def _add_evaluations(parser: argparse.ArgumentParser) -> None:
                              "winogrande, boolq, lambada_openai, and mmlu (5-shot, 57 subjects, accuracy per "
                              "category); 'all' for every one (default: none)")
     parser.add_argument("--task-protocol", choices=("quick", "full"), default="quick",
-                        help="quick = the first 500 documents per task and the first 10 questions per MMLU subject; "
+                        help="quick = the first 200 documents per task and the first 5 questions per MMLU subject; "
                              "full = all (default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int,
                         help="documents per task (and per MMLU subject) instead of the task protocol's, for smoke "
