@@ -40,6 +40,8 @@ typedef struct {
     const int32_t *orow, *ocol;              /* outliers CSR: (rows + 1), (nnz) original columns */
     const float *odelta;                     /* (nnz) value - codebook value */
     const float *bias;                       /* (rows) or NULL */
+    int64_t nruns;                           /* runs of equal width: columns [run[k], run[k + 1]) */
+    int64_t *run;                            /* found once per call (stored columns are sorted: <= 8 runs) */
 } layer_t;
 
 int cmpq_isa_supported(int isa) {
@@ -264,10 +266,9 @@ T512 static inline AI void gemvb512(const layer_t *L, const float *T, int64_t ts
 #pragma GCC unroll 4
         for (int j = 0; j < NG; ++j) acc[b][j] = _mm512_setzero_ps();
     const uint16_t *p = L->codes + g * L->words;
-    for (int64_t i = 0; i < L->cols;) {
+    for (int64_t k = 0; k < L->nruns; ++k) {
+        const int64_t i = L->run[k], n = L->run[k + 1] - i;
         const int w = L->widths[i];
-        int64_t n = 1;
-        while (i + n < L->cols && L->widths[i + n] == w) ++n;
         const float *t = T + L->cb_offset[i];
         switch (w) {
             case 1: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 1); break;
@@ -279,7 +280,6 @@ T512 static inline AI void gemvb512(const layer_t *L, const float *T, int64_t ts
             case 7: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 7); break;
             default: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 8); break;
         }
-        i += n;
     }
     for (int j = 0; j < NG; ++j) {
         const int64_t r = (g + j) * GROUP, left = L->rows - r;
@@ -319,10 +319,9 @@ T512 static void gemv_avx512(const layer_t *L, const float *T, int64_t tsize, in
         for (; g + 4 <= g1; g += 4) {
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
             const uint16_t *p = L->codes + g * L->words;
-            for (int64_t i = 0; i < L->cols;) {  /* segments of equal width (columns are stored sorted) */
+            for (int64_t k = 0; k < L->nruns; ++k) {  /* runs of equal width */
+                const int64_t i = L->run[k], n = L->run[k + 1] - i;
                 const int w = L->widths[i];
-                int64_t n = 1;
-                while (i + n < L->cols && L->widths[i + n] == w) ++n;
                 const float *t = T + L->cb_offset[i];
                 switch (w) {
                     case 1: p = seg512_1(t, n, p, L->words, acc); break;
@@ -334,7 +333,6 @@ T512 static void gemv_avx512(const layer_t *L, const float *T, int64_t tsize, in
                     case 7: p = seg512_7(t, n, p, L->words, acc); break;
                     default: p = seg512_8(t, n, p, L->words, acc); break;
                 }
-                i += n;
             }
             for (int j = 0; j < 4; ++j) {
                 const int64_t r = (g + j) * GROUP, left = L->rows - r;
@@ -390,10 +388,9 @@ T512 static inline AI void dequant_seg512(const layer_t *L, const float *cb, int
 T512 static void dequant_avx512(const layer_t *L, void *out, int64_t ld, int64_t rbase, int bf16, int64_t g0,
                                 int64_t g1) {
     int64_t woff = 0;
-    for (int64_t i = 0; i < L->cols;) {
+    for (int64_t k = 0; k < L->nruns; ++k) {
+        const int64_t i = L->run[k], n = L->run[k + 1] - i;
         const int w = L->widths[i];
-        int64_t n = 1;
-        while (i + n < L->cols && L->widths[i + n] == w) ++n;
         const float *cb = L->codebooks + L->cb_offset[i];
         switch (w) {
             case 1: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 1); break;
@@ -406,7 +403,6 @@ T512 static void dequant_avx512(const layer_t *L, void *out, int64_t ld, int64_t
             default: dequant_seg512(L, cb, n, woff, i, out, ld, rbase, bf16, g0, g1, 8); break;
         }
         woff += n * w;
-        i += n;
     }
 }
 
@@ -513,6 +509,20 @@ static void make_layer(layer_t *L, int64_t rows, int64_t cols, const uint16_t *c
     for (int64_t i = 0; i < cols; ++i) L->words += widths[i];
     L->codes = codes; L->order = order; L->widths = widths; L->codebooks = codebooks; L->cb_offset = cb_offset;
     L->orow = orow; L->ocol = ocol; L->odelta = odelta; L->bias = bias;
+    L->nruns = 0;
+    L->run = NULL;
+}
+
+/* Runs of equal width (scanning them per 64-row pass cost as much as the look-ups on wide layers). Returns 0, or
+ * -1 when out of memory. */
+static int find_runs(layer_t *L) {
+    L->run = (int64_t *)malloc(sizeof(int64_t) * (size_t)(L->cols + 1));
+    if (!L->run) return -1;
+    L->nruns = 0;
+    for (int64_t i = 0; i < L->cols; ++i)
+        if (i == 0 || L->widths[i] != L->widths[i - 1]) L->run[L->nruns++] = i;
+    L->run[L->nruns] = L->cols;
+    return 0;
 }
 
 /* threads for one call (0: the OpenMP default), without changing the runtime's setting for later calls */
@@ -526,7 +536,7 @@ static int threads_for(int nthreads) {
 }
 
 /* y (batch, rows) = x (batch, cols) W^T (+ bias); tables: scratch of batch * table_size floats (+16 padding).
- * Returns 0, or -1 for an unsupported isa / batch. */
+ * Returns 0, -1 for an unsupported isa / batch, -2 when out of memory. */
 int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_t table_size, int64_t rows,
                   int64_t cols, const uint16_t *codes, const int32_t *order, const uint8_t *widths,
                   const float *codebooks, const int64_t *cb_offset, const int32_t *orow, const int32_t *ocol,
@@ -535,6 +545,7 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
     if (!cmpq_isa_supported(isa) || batch < 1 || batch > MAX_BATCH) return -1;
     layer_t L;
     make_layer(&L, rows, cols, codes, order, widths, codebooks, cb_offset, orow, ocol, odelta, bias);
+    if (find_runs(&L) != 0) return -2;
     build_tables(&L, x, batch, tables, table_size);
     const int threads = threads_for(nthreads);
     (void)threads;
@@ -552,13 +563,14 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
         const int64_t r1 = g1 * GROUP < rows ? g1 * GROUP : rows;
         add_outliers_and_bias(&L, x, batch, y, g0 * GROUP, r1);
     }
+    free(L.run);
     return 0;
 }
 
 /* out (cols, ld): rows [g0 * 16, min(g1 * 16, rows)) of the dequantized weight, transposed (stored column i at
  * out[i * ld + r - g0 * 16]), float32 or bfloat16 (bf16 = 1), with the outliers (CSR by row: orow; their stored
- * column opos and value ovalue) written in place: the tile a prefill matmul reads. Returns 0, or -1 for an
- * unsupported isa or range. */
+ * column opos and value ovalue) written in place: the tile a prefill matmul reads. Returns 0, -1 for an
+ * unsupported isa or range, -2 when out of memory. */
 int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, int64_t rows, int64_t cols,
                       const uint16_t *codes, const uint8_t *widths, const float *codebooks, const int64_t *cb_offset,
                       const int32_t *orow, const int32_t *opos, const float *ovalue, int isa, int nthreads) {
@@ -566,6 +578,7 @@ int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, i
     layer_t L;
     make_layer(&L, rows, cols, codes, NULL, widths, codebooks, cb_offset, NULL, NULL, NULL, NULL);
     if (!cmpq_isa_supported(isa) || g0 < 0 || g1 > L.groups || g0 >= g1 || ld < (g1 - g0) * GROUP) return -1;
+    if (find_runs(&L) != 0) return -2;
     const int threads = threads_for(nthreads);
     const int64_t rbase = g0 * GROUP;
 #pragma omp parallel num_threads(threads)
@@ -589,5 +602,6 @@ int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, i
                 for (int32_t k = orow[r]; k < orow[r + 1]; ++k) put(out, bf16, opos[k] * ld + r - rbase, ovalue[k]);
         }
     }
+    free(L.run);
     return 0;
 }
