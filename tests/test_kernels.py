@@ -20,7 +20,7 @@ def random_layer(rows, cols, widths, nnz, seed=0, codebook="fp16"):
 
 
 MIXES = [[1], [2], [3], [4], [5], [6], [7], [8], [2, 3], [3, 4], [1, 2, 3, 4, 5, 6, 7, 8]]
-SHAPES = [(37, 29), (16, 64), (100, 77), (203, 130)]
+SHAPES = [(37, 29), (16, 64), (100, 77), (203, 130), (120, 45)]  # 120: partial passes of 2 and 4 groups
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -30,7 +30,7 @@ def test_kernel_matches_reference(isa, mix, shape):
     rows, cols = shape
     layer = random_layer(rows, cols, mix, nnz=(rows * cols) // 50, seed=rows + len(mix))
     module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
-    for batch in (1, 2, 3, 4, 5, 8, 9, 20, 33, 64):
+    for batch in (1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 33, 64):
         x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
         module.kernel = "reference"
         expected = module(x)
@@ -58,7 +58,7 @@ def test_prefill_tiles_are_the_dequantized_weight_exactly(isa, dtype, monkeypatc
     for bit, bfloat16 tiles equal it rounded to bfloat16 (the rounding torch uses)."""
     rows, cols = 203, 77
     layer = random_layer(rows, cols, [1, 2, 3, 4, 5, 8], nnz=300, seed=3)
-    module = CMPQLinear.from_weight(layer)
+    module = CMPQLinear.from_weight(layer, torch.randn(rows))
     prepared = module.prepare_native()
     expected = module.dequantize()[:, prepared.order.long()].t().to(dtype)  # (cols, rows), stored order
     groups = -(-rows // 16)
@@ -68,14 +68,18 @@ def test_prefill_tiles_are_the_dequantized_weight_exactly(isa, dtype, monkeypatc
                          for g0 in range(0, groups, per_tile)], dim=1)
         assert torch.equal(got, expected), (isa, per_tile)
     monkeypatch.setattr(native, "TILE_BYTES", 16 * cols * 4 * 2)  # two groups per tile in the module's matmul
-    x = torch.randn(2, 20, cols).to(dtype)  # 40 tokens: tiles for both dtypes
-    module.kernel = "reference"
-    reference = module(x)
-    module.kernel, module.isa = "native", isa
-    got = module(x)
-    assert got.dtype == dtype
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), reference.float(), rtol=tolerance, atol=tolerance * reference.abs().max().item())
+    for tokens in (5, 20, 40):  # LUT for both dtypes; LUT (float32) or bf16 tiles; tiles for both
+        x = torch.randn(tokens, cols).to(dtype)
+        module.kernel = "reference"
+        reference = module(x)
+        module.kernel, module.isa = "native", isa
+        got = module(x)
+        assert got.dtype == dtype
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), reference.float(), rtol=tolerance,
+                                   atol=tolerance * reference.abs().max().item())
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        prepared.tile(0, 1, torch.empty(cols * 16, dtype=torch.float16))
 
 
 def test_auto_falls_back_to_reference_with_a_warning_when_the_kernels_are_missing(monkeypatch):

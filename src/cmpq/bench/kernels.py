@@ -98,7 +98,7 @@ def render(records: list[dict], copy_gbps: float, threads: int, isa: str) -> str
     lines = [f"Kernel vs torch F.linear on the same shapes, same process; median of repeats; {threads} threads; "
              f"ISA {isa}; memory copy bandwidth measured in the same run: {copy_gbps:.1f} GB/s.", "",
              "| shape (out x in) | bits | batch | ours ms | fp32 ms | bf16 ms | x fp32 | x bf16 | ours, bf16 in: ms | "
-             "x bf16 | weight GB/s | % copy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "its x bf16 | weight GB/s | % copy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['rows']}x{r['cols']} | {r['bits']:g} | {r['batch']} | {r['ours_ms']:.3f} | "
                      f"{r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | {r['speedup_vs_fp32']:.2f} | "

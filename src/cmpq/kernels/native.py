@@ -127,6 +127,8 @@ class PreparedLayer:
     def tile(self, g0: int, g1: int, out: torch.Tensor, isa: int = -1, threads: int = 0) -> torch.Tensor:
         """Rows [16 g0, 16 g1) of the dequantized weight, outliers applied, transposed with columns in stored
         order: (cols, rows of the tile), in `out`'s dtype (float32 or bfloat16), written into `out`."""
+        if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous():
+            raise ValueError(f"tile buffers are contiguous float32 or bfloat16, not {out.dtype}")
         width = min(self.rows, 16 * g1) - 16 * g0
         ld = 16 * (g1 - g0)
         view = out.view(-1)[: self.cols * ld].view(self.cols, ld)
@@ -141,6 +143,9 @@ class PreparedLayer:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
         """x (n, cols) float32 or bfloat16 -> (n, rows) in x's dtype (prefill): tiles of rows are dequantized in
         x's dtype into one cache-sized buffer, each followed by a dense matmul."""
+        if self.rows == 0 or self.cols == 0:
+            y = x.new_zeros(x.shape[0], self.rows)
+            return y if bias is None else y + bias.to(y.dtype)
         x = x[:, self._order64]
         groups = -(-self.rows // 16)
         per_tile = max(1, min(groups, TILE_BYTES // (16 * self.cols * x.element_size())))
