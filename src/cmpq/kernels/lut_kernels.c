@@ -9,9 +9,9 @@
  * each output is then a sum of table look-ups. AVX-512 (with VBMI): one vpmultishiftqb turns a 64-bit window
  * of codes into 16 table indices (rows 0..7 start at bit 0, rows 8..15 at byte w), and vpermps looks the 16
  * values up in one register (widths above 4 bits use vpermi2ps on 32 entries and blend on the higher bits).
- * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row; batches of 2..8 share
- * each decoded window across their tokens. dequant_tile (prefill): tiles of rows of the weight, transposed and in stored column order, float32 or bfloat16,
- * for a dense matmul.
+ * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row; batches of 2..8
+ * share each decoded window across their tokens. dequant_tile (prefill): tiles of rows of the weight, transposed
+ * and in stored column order, float32 or bfloat16, for a dense matmul.
  *
  * Runtime dispatch: isa 2 = AVX-512 (F+BW+VBMI), 1 = AVX2, 0 = portable C; -1 picks the best this CPU supports.
  * No Python or torch headers: called through ctypes with raw pointers.
@@ -197,25 +197,14 @@ T512 static inline __m512 lookup512(const float *t, __m512i idx, int w) {
 
 /* Batch 1, four 16-row groups per pass, one segment of columns of the same width W: the column's table is
  * loaded into registers once for 64 rows and W is a compile-time constant, so every branch folds away. Per 16
- * weights: one window load, one vpmultishiftqb, one vpermps (vpermi2ps above 4 bits), one add. Even and odd
- * columns add into separate accumulators: eight independent add chains hide the add latency. */
+ * weights: one window load, one vpmultishiftqb, one vpermps (vpermi2ps above 4 bits), one add. */
 #define DEF_SEG512(W)                                                                                           \
     T512 static inline const uint16_t *seg512_##W(const float *t, int64_t n, const uint16_t *p, int64_t words,   \
                                                   __m512 acc[4]) {                                              \
         const __m512i ctrl = ctrl512(W);                                                                        \
-        __m512 odd[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};  \
-        int64_t i = 0;                                                                                          \
-        for (; i + 2 <= n; i += 2, t += 2 << W, p += 2 * W)                                                     \
-            for (int j = 0; j < 4; ++j) {                                                                       \
-                acc[j] = _mm512_add_ps(acc[j], lookup512(t, decode512(p + j * words, W, ctrl), W));            \
-                odd[j] = _mm512_add_ps(odd[j], lookup512(t + (1 << W), decode512(p + W + j * words, W, ctrl), W)); \
-            }                                                                                                   \
-        if (i < n) {                                                                                            \
+        for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W)                                                    \
             for (int j = 0; j < 4; ++j)                                                                         \
                 acc[j] = _mm512_add_ps(acc[j], lookup512(t, decode512(p + j * words, W, ctrl), W));            \
-            t += 1 << W, p += W;                                                                                \
-        }                                                                                                       \
-        for (int j = 0; j < 4; ++j) acc[j] = _mm512_add_ps(acc[j], odd[j]);                                    \
         return p;                                                                                               \
     }
 DEF_SEG512(1)
