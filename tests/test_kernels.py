@@ -41,6 +41,21 @@ def test_kernel_matches_reference(isa, mix, shape):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tall_layers_take_passes_of_eight_groups_and_agree(isa, threads):
+    """At least 64 groups per thread switch one token to passes of 8 groups; 69 groups at one thread end on a pass
+    of 4 and a single group, and the last group is partial."""
+    rows, cols = 69 * 16 - 5, 70
+    layer = random_layer(rows, cols, [1, 2, 3, 4, 5, 8], nnz=rows * cols // 50, seed=3)
+    module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(2))
+    expected = torch.nn.functional.linear(x, module.dequantize(), module.bias)
+    prepared = module.prepare_native()
+    got = prepared.gemv(x, module.bias.float().contiguous(), native.ISAS[isa], threads)
+    assert (got - expected).abs().max().item() <= 1e-5 * (expected.abs().max().item() + 1.0) * cols ** 0.5
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_kernel_without_outliers_int8_codebooks_and_3d_input(isa):
     layer = random_layer(48, 40, [2, 3, 4], nnz=0, codebook="int8")
     module = CMPQLinear.from_weight(layer)
