@@ -198,3 +198,26 @@ def test_generation_needs_at_least_one_new_token(quantized):
 
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_ids(quantized[0].model, torch.tensor([[5, 6]]), 0)
+
+
+def test_repetition_penalty_matches_transformers_processor_and_is_checked(quantized):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from cmpq.generate import _penalize, generate_ids
+
+    logits = torch.randn(1, TINY_VOCAB, generator=torch.Generator().manual_seed(0))
+    seen = torch.tensor([[3, 7, 7, 11]])
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    torch.testing.assert_close(_penalize(logits, seen, 1.3), expected, rtol=0, atol=0)
+    assert _penalize(logits, seen, 1.0) is logits
+
+    model = quantized[0].model
+    ids = torch.randint(3, TINY_VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
+    plain, _, _ = generate_ids(model, ids, 24)
+    penalized, _, _ = generate_ids(model, ids, 24, repetition_penalty=50.0)
+    # a huge penalty forbids any token already seen (while unseen ones remain), which greedy decoding of a random
+    # tiny model does repeat
+    assert len(set(penalized.tolist())) == 24 and len(set(plain.tolist())) < 24
+    assert not set(penalized.tolist()) & set(ids[0].tolist())
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate_ids(model, ids, 4, repetition_penalty=0.0)

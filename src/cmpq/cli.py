@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples with this temperature")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                   help="divide the logits of tokens already seen by P (CTRL's penalty, as in transformers; "
+                        "1 = off, default); about 1.2-1.3 keeps greedy decoding of low-bit models from looping")
     g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
                        description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
@@ -409,7 +412,8 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from cmpq.models.load import load_model
 
     loaded = load_model(args.model)
-    result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.chat)
+    result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.chat,
+                      args.repetition_penalty)
     print(result.text)
     print(f"[{result.new_tokens} tokens in {result.decode_seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
           f"decode, prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s]", file=sys.stderr)

@@ -30,6 +30,16 @@ class Generation:
         return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds else 0.0
 
 
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (as transformers applies it): the logits of tokens already in the prompt or the
+    output are divided by `penalty` when positive and multiplied when negative, so greedy decoding of a weak model
+    loops less."""
+    if penalty == 1.0:
+        return logits
+    scores = logits.gather(-1, seen)
+    return logits.scatter(-1, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
+
+
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -38,12 +48,14 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) 
 
 
 def generate_ids(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                 eos_token_id: int | None = None) -> tuple[torch.Tensor, float, float]:
+                 eos_token_id: int | None = None, repetition_penalty: float = 1.0) -> tuple[torch.Tensor, float, float]:
     """(new token ids (n,), prefill seconds, decode seconds) for prompt `ids` (1, t)."""
     from transformers import StaticCache
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
     prompt = ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
     generator = torch.Generator().manual_seed(seed)
@@ -52,7 +64,8 @@ def generate_ids(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
         start = time.perf_counter()
         # only the last position's logits are needed: the head runs on one token, not the whole prompt
         logits = model(ids, cache=cache, use_cache=True, cache_position=torch.arange(prompt), logits_to_keep=1).logits
-        token = _pick(logits[:, -1], temperature, generator)
+        seen = ids
+        token = _pick(_penalize(logits[:, -1], seen, repetition_penalty), temperature, generator)
         prefill = time.perf_counter() - start
         out.append(token)
         start = time.perf_counter()
@@ -61,7 +74,9 @@ def generate_ids(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
             if eos_token_id is not None and int(token) == eos_token_id:
                 break
             logits = model(token[:, None], cache=cache, use_cache=True, cache_position=position).logits
-            token = _pick(logits[:, -1], temperature, generator)
+            if repetition_penalty != 1.0:
+                seen = torch.cat([seen, token[:, None]], dim=1)
+            token = _pick(_penalize(logits[:, -1], seen, repetition_penalty), temperature, generator)
             out.append(token)
             position += 1
         decode = time.perf_counter() - start
@@ -80,12 +95,12 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 
 def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0, chat: bool = False) -> Generation:
+             seed: int = 0, chat: bool = False, repetition_penalty: float = 1.0) -> Generation:
     """Continue `prompt` (or answer it, with `chat`) by up to `max_new_tokens` tokens (stops at the
     end-of-sequence token)."""
     tokenizer = loaded.tokenizer
     ids = prompt_ids(tokenizer, prompt, chat)
     new, prefill, decode = generate_ids(loaded.model, ids, max_new_tokens, temperature, seed,
-                                        getattr(tokenizer, "eos_token_id", None))
+                                        getattr(tokenizer, "eos_token_id", None), repetition_penalty)
     return Generation(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
                       new_tokens=new.numel(), prefill_seconds=prefill, decode_seconds=decode)
