@@ -559,6 +559,18 @@ static int threads_for(int nthreads) {
 #endif
 }
 
+/* [*lo, *hi): the calling thread's contiguous share of n items, inside an OpenMP parallel region */
+static void thread_share(int64_t n, int64_t *lo, int64_t *hi) {
+#ifdef _OPENMP
+    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    const int64_t team = 1, me = 0;
+#endif
+    const int64_t per = (n + team - 1) / team;
+    *lo = me * per < n ? me * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
 /* y (batch, rows) = x (batch, cols) W^T (+ bias); tables: scratch of batch * table_size floats (+16 padding),
  * column i's table at table_offset[i] (max(16, 2^w_i) floats; table_size at least their sum). Returns 0, -1 for
  * an unsupported isa / batch or a too small table_size, -2 when out of memory. */
@@ -575,34 +587,29 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
     if (L.repeat) L.toff = table_offset;
     if (find_runs(&L) != 0) return -2;
     const int threads = threads_for(nthreads);
-    (void)threads;
     /* chunks of groups for the AVX-512 passes: 8 (128 rows) for one token when there are at least 8 per thread
      * (fewer would leave the threads unbalanced), else 4 */
     const int64_t per_chunk = isa == 2 && batch == 1 && L.groups >= 64 * threads ? 8 : 4;
     const int64_t chunks = (L.groups + per_chunk - 1) / per_chunk;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-    const int64_t team = 1, me = 0;
-#endif
-    /* each thread builds the tables of its share of the columns (serially they took 5% of a batch-1 call) */
-    const int64_t per = (cols + team - 1) / team, i0 = me * per < cols ? me * per : cols;
-    build_tables(&L, x, batch, tables, table_size, i0, i0 + per < cols ? i0 + per : cols);
+        /* each thread builds the tables of its share of the columns (built by one, the others waited) */
+        int64_t i0, i1;
+        thread_share(cols, &i0, &i1);
+        build_tables(&L, x, batch, tables, table_size, i0, i1);
 #pragma omp barrier
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t g0 = per_chunk * c, g1 = g0 + per_chunk < L.groups ? g0 + per_chunk : L.groups;
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t g0 = per_chunk * c, g1 = g0 + per_chunk < L.groups ? g0 + per_chunk : L.groups;
 #ifdef CMPQ_X86
-        if (isa == 2) gemv_avx512(&L, tables, table_size, batch, y, g0, g1);
-        else if (isa == 1) gemv_avx2(&L, tables, table_size, batch, y, g0, g1);
-        else
+            if (isa == 2) gemv_avx512(&L, tables, table_size, batch, y, g0, g1);
+            else if (isa == 1) gemv_avx2(&L, tables, table_size, batch, y, g0, g1);
+            else
 #endif
-            gemv_portable(&L, tables, table_size, batch, y, g0, g1);
-        const int64_t r1 = g1 * GROUP < rows ? g1 * GROUP : rows;
-        add_outliers_and_bias(&L, x, batch, y, g0 * GROUP, r1);
-    }
+                gemv_portable(&L, tables, table_size, batch, y, g0, g1);
+            const int64_t r1 = g1 * GROUP < rows ? g1 * GROUP : rows;
+            add_outliers_and_bias(&L, x, batch, y, g0 * GROUP, r1);
+        }
     }
     free(L.run);
     return 0;
@@ -624,13 +631,11 @@ int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, i
     const int64_t rbase = g0 * GROUP;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-        const int64_t team = 1, me = 0;
-#endif
         /* contiguous runs of groups per thread: the column-outer loops write long runs of each output row */
-        const int64_t per = (g1 - g0 + team - 1) / team, a = g0 + me * per, b = a + per < g1 ? a + per : g1;
+        int64_t a, b;
+        thread_share(g1 - g0, &a, &b);
+        a += g0;
+        b += g0;
         if (a < b) {
 #ifdef CMPQ_X86
             if (isa == 2) dequant_avx512(&L, out, ld, rbase, bf16, a, b);
