@@ -628,6 +628,7 @@ int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, i
     if (!cmpq_isa_supported(isa) || g0 < 0 || g1 > L.groups || g0 >= g1 || ld < (g1 - g0) * GROUP) return -1;
     if (find_runs(&L) != 0) return -2;
     const int threads = threads_for(nthreads);
+    (void)threads;  /* only read by OpenMP */
     const int64_t rbase = g0 * GROUP;
 #pragma omp parallel num_threads(threads)
     {
