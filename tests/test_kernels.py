@@ -41,18 +41,36 @@ def test_kernel_matches_reference(isa, mix, shape):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_tall_layers_take_passes_of_eight_groups_and_agree(isa, threads):
-    """At least 64 groups per thread switch one token to passes of 8 groups; 69 groups at one thread end on a pass
-    of 4 and a single group, and the last group is partial."""
-    rows, cols = 69 * 16 - 5, 70
-    layer = random_layer(rows, cols, [1, 2, 3, 4, 5, 8], nnz=rows * cols // 50, seed=3)
+@pytest.mark.parametrize("groups, threads", [(69, 1), (69, 2), (131, 2)])
+def test_tall_layers_take_passes_of_eight_groups_and_agree(isa, groups, threads):
+    """At least 64 groups per thread switch one token to passes of 8 groups (69 at one thread, 131 at two); 69
+    groups end on a pass of 4 and a single group, 131 on a chunk of 3; the last group is partial. At two threads 69
+    groups take passes of 4."""
+    rows, cols = groups * 16 - 5, 70
+    layer = random_layer(rows, cols, [1, 2, 3, 4, 5, 6, 7, 8], nnz=rows * cols // 50, seed=3)
     module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(1, cols, generator=torch.Generator().manual_seed(2))
     expected = torch.nn.functional.linear(x, module.dequantize(), module.bias)
     prepared = module.prepare_native()
     got = prepared.gemv(x, module.bias.float().contiguous(), native.ISAS[isa], threads)
     assert (got - expected).abs().max().item() <= 1e-5 * (expected.abs().max().item() + 1.0) * cols ** 0.5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_table_scratch_reused_across_layers_and_more_threads_than_columns(isa):
+    """The tables live in one per-thread buffer that grows: a large layer, a small one, the large one again must
+    each stay exact; a layer of 3 columns on 4 threads leaves some threads no columns to build."""
+    layers = [random_layer(rows, cols, [2, 3, 4, 6], nnz=rows * cols // 50, seed=cols)
+              for rows, cols in ((300, 900), (40, 3), (300, 900))]
+    for threads in (1, 4):
+        for layer in layers:
+            module = CMPQLinear.from_weight(layer)
+            for batch in (1, 3):
+                x = torch.randn(batch, layer.widths.numel(), generator=torch.Generator().manual_seed(batch))
+                expected = torch.nn.functional.linear(x, module.dequantize())
+                got = module.prepare_native().gemv(x, None, native.ISAS[isa], threads)
+                scale = expected.abs().max().item() + 1.0
+                assert (got - expected).abs().max().item() <= 1e-5 * scale * x.shape[1] ** 0.5, (threads, batch)
 
 
 @pytest.mark.parametrize("isa", ISAS)
