@@ -10,9 +10,10 @@
  * table of 16 entries, its 2^w values repeated (T[c] = T[c mod 2^w]), so that the look-up needs no mask of the
  * decoded index: the bits above the code only pick a copy (dropping the AND measured 1.3x faster per 16 weights
  * at 3 bits on Zen 4). Batches keep tables of 2^w entries (the mask is shared by their tokens, and twice the
- * tables of 4 tokens no longer fit in L2 next to the codes). AVX-512 (with VBMI): one vpmultishiftqb turns a 64-bit window
- * of codes into 16 table indices (rows 0..7 start at bit 0, rows 8..15 at byte w), and vpermps looks the 16
- * values up in one register (widths above 4 bits use vpermi2ps on 32 entries and blend on the higher bits).
+ * tables of 4 tokens no longer fit in L2 next to the codes). AVX-512 (with VBMI): one vpmultishiftqb turns a
+ * 64-bit window of codes into 16 table indices (rows 0..7 start at bit 0, rows 8..15 at byte w), and vpermps
+ * looks the 16 values up in one register (widths above 4 bits use vpermi2ps on 32 entries and blend on the
+ * higher bits).
  * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row; batches of 2..8
  * share each decoded window across their tokens. dequant_tile (prefill): tiles of rows of the weight, transposed
  * and in stored column order, float32 or bfloat16, for a dense matmul.
@@ -219,10 +220,12 @@ T512 static inline __m512 lookup_repeated512(const float *t, __m512i idx, int w)
     return w <= 4 ? _mm512_permutexvar_ps(idx, _mm512_loadu_ps(t)) : lookup512(t, idx, w);
 }
 
+/* lanes of group g that hold rows of the layer (all 16 but in a partial last group) */
+static inline __mmask16 rows_mask(const layer_t *L, int64_t g) {
+    const int64_t left = L->rows - g * GROUP;
+    return left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
 
-/* Batch 2..8: NG groups per pass and B tokens, both compile-time constants (B * NG <= 16 accumulators stay in
- * registers): each column's codes are decoded once per group for all B tokens, and each token's table is loaded
- * once for the NG groups. */
 #define AI __attribute__((always_inline))
 /* Batch 1, NG 16-row groups per pass, one segment of columns of the same width W (both compile-time constants, so
  * every branch folds away): the column's table is loaded once per pass. Per 16 weights: one window load, one
@@ -257,24 +260,20 @@ T512 static inline AI void gemv1_512(const layer_t *L, const float *T, float *y,
             default: p = seg512(t, n, p, L->words, acc, NG, 8); break;
         }
     }
-    for (int j = 0; j < NG; ++j) {
-        const int64_t r = (g + j) * GROUP, left = L->rows - r;
-        const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        _mm512_mask_storeu_ps(y + r, m, acc[j]);
-    }
+    for (int j = 0; j < NG; ++j) _mm512_mask_storeu_ps(y + (g + j) * GROUP, rows_mask(L, g + j), acc[j]);
 }
 
-/* passes of 8 groups (each column's table loaded once per 128 rows: 5% faster than 4 on 11008x4096), then 4 */
-T512 static int64_t gemv1_8_512(const layer_t *L, const float *T, float *y, int64_t g, int64_t g1) {
+/* batch 1 from group g: passes of 8 groups (each column's table loaded once per 128 rows: 5% faster than 4 on
+ * 11008x4096), then of 4; returns the first group left over */
+T512 static int64_t gemv1_passes512(const layer_t *L, const float *T, float *y, int64_t g, int64_t g1) {
     for (; g + 8 <= g1; g += 8) gemv1_512(L, T, y, g, 8);
-    return g;
-}
-
-T512 static int64_t gemv1_4_512(const layer_t *L, const float *T, float *y, int64_t g, int64_t g1) {
     for (; g + 4 <= g1; g += 4) gemv1_512(L, T, y, g, 4);
     return g;
 }
 
+/* Batch 2..8: NG groups per pass and B tokens, both compile-time constants (B * NG <= 16 accumulators stay in
+ * registers): each column's codes are decoded once per group for all B tokens, and each token's table is loaded
+ * once for the NG groups. */
 T512 static inline AI const uint16_t *segb512(const float *t, int64_t tsize, int64_t n, const uint16_t *p,
                                               int64_t words, __m512 acc[MAX_BATCH][4], const int B, const int NG,
                                               const int W) {
@@ -325,11 +324,9 @@ T512 static inline AI void gemvb512(const layer_t *L, const float *T, int64_t ts
             default: p = segb512(t, tsize, n, p, L->words, acc, B, NG, 8); break;
         }
     }
-    for (int j = 0; j < NG; ++j) {
-        const int64_t r = (g + j) * GROUP, left = L->rows - r;
-        const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(y + b * L->rows + r, m, acc[b][j]);
-    }
+    for (int j = 0; j < NG; ++j)
+        for (int b = 0; b < B; ++b)
+            _mm512_mask_storeu_ps(y + b * L->rows + (g + j) * GROUP, rows_mask(L, g + j), acc[b][j]);
 }
 
 #define DEF_GEMVB512(B, NG)                                                                                     \
@@ -359,10 +356,7 @@ T512 static void gemv_avx512(const layer_t *L, const float *T, int64_t tsize, in
         case 8: g = gemvb512_8(L, T, tsize, y, g, g1); break;
         default: break;
     }
-    if (batch == 1) {
-        g = gemv1_8_512(L, T, y, g, g1);
-        g = gemv1_4_512(L, T, y, g, g1);
-    }
+    if (batch == 1) g = gemv1_passes512(L, T, y, g, g1);
     __m512i ctrls[9];
     for (int w = 1; w <= 8; ++w) ctrls[w] = ctrl512(w);
     for (; g < g1; ++g) {
@@ -376,9 +370,7 @@ T512 static void gemv_avx512(const layer_t *L, const float *T, int64_t tsize, in
                 acc[b] = _mm512_add_ps(acc[b], lookup512(T + b * tsize + L->toff[i], idx, w));
             p += w;
         }
-        const int64_t r = g * GROUP, left = L->rows - r;
-        const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        for (int64_t b = 0; b < batch; ++b) _mm512_mask_storeu_ps(y + b * L->rows + r, m, acc[b]);
+        for (int64_t b = 0; b < batch; ++b) _mm512_mask_storeu_ps(y + b * L->rows + g * GROUP, rows_mask(L, g), acc[b]);
     }
 }
 
@@ -400,10 +392,8 @@ T512 static inline AI void dequant_seg512(const layer_t *L, const float *cb, int
     const __m512i ctrl = ctrl512(W);
     for (int64_t i = i0; i < i0 + n; ++i, cb += 1 << W, woff += W)
         for (int64_t g = g0; g < g1; ++g) {
-            const int64_t r = g * GROUP, left = L->rows - r;
-            const __mmask16 m = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-            store512(out, bf16, i * ld + r - rbase, lookup512(cb, decode512(L->codes + g * L->words + woff, W, ctrl), W),
-                     m);
+            store512(out, bf16, i * ld + g * GROUP - rbase,
+                     lookup512(cb, decode512(L->codes + g * L->words + woff, W, ctrl), W), rows_mask(L, g));
         }
 }
 

@@ -121,8 +121,7 @@ class PreparedLayer:
         self._order64 = self.order.long()
         self._fixed = (self.table_size, self.rows, self.cols, _ptr(self.codes), _ptr(self.order), _ptr(self.widths),
                        _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.table_offset), _ptr(self.orow),
-                       _ptr(self.ocol),
-                       _ptr(self.odelta))
+                       _ptr(self.ocol), _ptr(self.odelta))
 
     def gemv(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
         """x (batch, cols) float32 contiguous -> (batch, rows), in LUT-GEMV calls of up to MAX_BATCH tokens."""
@@ -197,6 +196,7 @@ def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entr
         widths=widths.to(torch.uint8).contiguous(),
         codebooks=torch.cat([entries.float(), torch.zeros(_PAD, dtype=torch.float32)]).contiguous(),
         cb_offset=offsets.to(torch.int64).contiguous(),
-        table_offset=(torch.cumsum(slots, 0) - slots).to(torch.int64).contiguous(), orow=rowptr, ocol=outlier_cols.to(torch.int32).contiguous(),
+        table_offset=(torch.cumsum(slots, 0) - slots).to(torch.int64).contiguous(), orow=rowptr,
+        ocol=outlier_cols.to(torch.int32).contiguous(),
         odelta=(values - replaced.float()).contiguous(), outlier_values=values.contiguous(),
         outlier_pos=stored_col.to(torch.int32).contiguous(), table_size=int(slots.sum()))
