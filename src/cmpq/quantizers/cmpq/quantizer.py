@@ -12,6 +12,7 @@ Dequantized weight = codebook lookup, with the outlier positions replaced by the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -111,6 +112,32 @@ def map_bits(columns: int, n_widths: int) -> int:
     return 8 * n_widths + columns * math.ceil(math.log2(n_widths)) if n_widths > 1 else 8
 
 
+def fit_int8_grid(codebooks: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
+    """One FP16 offset and scale per layer spanning every used codebook entry in 256 steps."""
+    lo = codebooks[used].min().half().float()
+    scale = ((codebooks[used].max() - lo) / 255).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+    return float(lo), float(scale)
+
+
+def round_to_grid(codebooks: torch.Tensor, grid: tuple[float, float]) -> torch.Tensor:
+    """Entries rounded to the nearest of the grid's 256 values (monotone: sorted rows stay sorted)."""
+    lo, scale = grid
+    return lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
+
+
+def lookup_index(codes: torch.Tensor, entries_per_column: int, outliers: torch.Tensor) -> torch.Tensor:
+    """(out, in) positions into theta = [codebooks (in, K) flattened, outlier values in row-major order]."""
+    columns = codes.shape[1]
+    index = torch.arange(columns)[None, :] * entries_per_column + codes.long()
+    index[outliers] = columns * entries_per_column + torch.arange(int(outliers.sum()))
+    return index
+
+
+def used_entries(widths: torch.Tensor, entries: int) -> torch.Tensor:
+    """(in, entries) mask of the codebook entries each column's width uses."""
+    return torch.arange(entries)[None, :] < (2 ** widths.long())[:, None]
+
+
 @dataclass
 class CMPQWeight(QuantizedWeight):
     """Per-column widths and codebooks, dense codes, and FP16 outliers (row-major, CSR when stored)."""
@@ -135,6 +162,33 @@ class CMPQWeight(QuantizedWeight):
 
     def column_widths(self) -> torch.Tensor:
         return self.widths
+
+    def outlier_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        mask[self.outlier_rows, self.outlier_cols] = True
+        return mask
+
+    def lookup_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(theta, index): the stored values, [codebooks flattened, outlier values], and the (out, in) position
+        of each weight in theta, so that dequantize() == theta[index]. Fine-tuning (`cmpq.finetune`) trains
+        theta with the index fixed."""
+        theta = torch.cat([self.codebooks.flatten(), self.outlier_values.float()])
+        return theta, lookup_index(self.codes, self.codebooks.shape[1], self.outlier_mask())
+
+    def with_values(self, theta: torch.Tensor) -> "CMPQWeight":
+        """A copy holding the values `theta` (as `lookup_values` lays them out) rounded as they are stored:
+        FP16, or int8 on a new grid spanning the new entries."""
+        columns, entries = self.codebooks.shape
+        used = used_entries(self.widths, entries)
+        books = torch.where(used, theta[: columns * entries].reshape(columns, entries).float(), self.codebooks)
+        grid = None
+        if self.codebook_format == "int8":
+            grid = fit_int8_grid(books, used)
+            books = torch.where(used, round_to_grid(books, grid), books)
+        else:
+            books = books.half().float()
+        return dataclasses.replace(self, codebooks=books, outlier_values=theta[columns * entries:].half(),
+                                   int8_grid=grid)
 
     def outlier_count(self) -> int:
         return int(self.outlier_values.numel())
@@ -332,10 +386,11 @@ class CMPQ(Quantizer):
             final = self._feedback(w, stats["hessian"], widths, codebooks, outliers, grid)
             codes = self._codes(final.T.contiguous(), widths, codebooks)
         rows_idx, cols_idx = outliers.nonzero(as_tuple=True)   # row-major order, as CSR stores them
-        return CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
-                          codebooks=codebooks, outlier_rows=rows_idx, outlier_cols=cols_idx,
-                          outlier_values=final[rows_idx, cols_idx].half(), codebook_format=config.codebook,
-                          int8_grid=grid)
+        qw = CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
+                        codebooks=codebooks, outlier_rows=rows_idx, outlier_cols=cols_idx,
+                        outlier_values=final[rows_idx, cols_idx].half(), codebook_format=config.codebook,
+                        int8_grid=grid)
+        return qw
 
     def _feedback(self, w: torch.Tensor, hessian: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor,
                   outliers: torch.Tensor, int8_grid: tuple[float, float] | None) -> torch.Tensor:
@@ -394,19 +449,12 @@ class CMPQ(Quantizer):
                 centroids = self._fit(rows.subset(cols[refit]), width, start)
             codebooks[cols, : 2**width] = centroids
         if self.config.codebook == "int8":
-            used = torch.arange(codebooks.shape[1])[None, :] < (2 ** widths.long())[:, None]
-            lo, scale = int8_grid or self._int8_grid(codebooks, used)
-            rounded = lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
-            codebooks.copy_(torch.where(used & refit[:, None], rounded, codebooks))  # monotone: rows stay sorted
-            return lo, scale
+            used = used_entries(widths, codebooks.shape[1])
+            grid = int8_grid or fit_int8_grid(codebooks, used)
+            codebooks.copy_(torch.where(used & refit[:, None], round_to_grid(codebooks, grid), codebooks))
+            return grid
         return None
 
-    @staticmethod
-    def _int8_grid(codebooks: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
-        """One FP16 offset and scale per layer spanning every used codebook entry in 256 steps."""
-        lo = codebooks[used].min().half().float()
-        scale = ((codebooks[used].max() - lo) / 255).half().float().clamp(min=torch.finfo(torch.float16).tiny)
-        return float(lo), float(scale)
 
     @staticmethod
     def _codes(values: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

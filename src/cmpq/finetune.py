@@ -1,0 +1,117 @@
+"""Block-wise fine-tuning of the stored values (codebook entries, outlier values), the codes kept fixed.
+
+After a block's linears are quantized, its outputs on the calibration windows drift from the float block's.
+A lookup-quantized weight is theta[index] with index fixed by the codes (`CMPQWeight.lookup_values`), so the
+values theta can be trained by gradient descent on the block's output error, as AQLM and QuIP# fine-tune,
+one block at a time here so memory stays the activation buffers. Unlike the per-layer refit, the loss sees
+the whole block (attention, SwiGLU, the residual), so errors of one linear can be absorbed by another's
+values. The file format, the bit accounting and the kernels are unchanged: only the values move.
+The result is kept only if the block's error on the calibration windows falls after the values are rounded
+as they are stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from cmpq.calibration.capture import BlockInputs
+from cmpq.config import check
+from cmpq.quantizers.base import QuantizedWeight
+
+
+TARGETS = ("block", "model")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """epochs: passes over the calibration windows per block (0 = off); lr: Adam's step size, in units of
+    each layer's weight RMS (values of small and large layers move alike); windows_per_step: windows whose
+    gradients are summed per optimizer step; target: what the block's outputs should match, "block" = the float
+    block on the same (quantized-model) inputs, "model" = the float model's hidden states after this block, so
+    that a block can also correct the drift of the blocks before it."""
+
+    epochs: int = 0
+    lr: float = 1e-3
+    windows_per_step: int = 1
+    target: str = "block"
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.epochs, int) and self.epochs >= 0, "finetune.epochs", "must be an integer >= 0",
+              self.epochs)
+        check(isinstance(self.lr, (int, float)) and self.lr > 0, "finetune.lr", "must be a positive number",
+              self.lr)
+        check(self.target in TARGETS, "finetune.target", f"must be one of {TARGETS}", self.target)
+        check(isinstance(self.windows_per_step, int) and self.windows_per_step >= 1, "finetune.windows_per_step",
+              "must be an integer >= 1", self.windows_per_step)
+
+
+def tunable(layer: QuantizedWeight) -> bool:
+    """Whether a quantized weight exposes its stored values (`lookup_values` / `with_values`)."""
+    return hasattr(layer, "lookup_values") and hasattr(layer, "with_values")
+
+
+def _output(block: nn.Module, weights: dict[str, torch.Tensor], inputs: BlockInputs,
+            window: torch.Tensor) -> torch.Tensor:
+    result = functional_call(block, weights, (window[None], *inputs.args), dict(inputs.kwargs), strict=False)
+    return (result[0] if isinstance(result, (tuple, list)) else result)[0]
+
+
+def block_error(block: nn.Module, weights: dict[str, torch.Tensor], inputs: BlockInputs, hidden: torch.Tensor,
+                target: torch.Tensor) -> float:
+    """sum over windows of ||block(window) - target||^2 / ||target||^2, with `weights` replacing parameters."""
+    with torch.no_grad():
+        return sum(float((_output(block, weights, inputs, hidden[i]) - target[i]).square().sum()
+                         / target[i].square().sum().clamp(min=1e-30)) for i in range(hidden.shape[0]))
+
+
+def finetune_block(block: nn.Module, layers: dict[str, QuantizedWeight], inputs: BlockInputs,
+                   hidden: torch.Tensor, target: torch.Tensor, config: FinetuneConfig,
+                   seed: int = 0) -> tuple[dict[str, QuantizedWeight], float, float]:
+    """Train the stored values of `layers` (name inside `block` -> quantized weight) so that `block` maps the
+    windows `hidden` (n, seqlen, d) to `target` (the float block's outputs). Returns the layers to keep
+    (fine-tuned and rounded, or the originals when that does not lower the error) and the error before and
+    after (`block_error`)."""
+    layers = {name: qw for name, qw in layers.items() if tunable(qw)}
+    frozen = {f"{name}.weight": qw.dequantize() for name, qw in layers.items()}
+    before = block_error(block, frozen, inputs, hidden, target)
+    if config.epochs == 0 or not layers:
+        return layers, before, before
+    params, indices, scales = {}, {}, {}
+    for name, qw in layers.items():
+        theta, index = qw.lookup_values()
+        params[name] = nn.Parameter(theta.clone())
+        indices[name] = index
+        scales[name] = float(frozen[f"{name}.weight"].square().mean().sqrt().clamp(min=1e-8))
+    trainable = [p for p in block.parameters() if p.requires_grad]
+    for parameter in trainable:  # only the stored values train; the block's own weights stay as they are
+        parameter.requires_grad_(False)
+    try:
+        _train(block, params, indices, scales, inputs, hidden, target, config, seed)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    tuned = {name: qw.with_values(params[name].detach()) for name, qw in layers.items()}
+    after = block_error(block, {f"{n}.weight": qw.dequantize() for n, qw in tuned.items()}, inputs, hidden, target)
+    return (tuned, before, after) if after < before else (layers, before, before)
+
+
+def _train(block: nn.Module, params: dict[str, nn.Parameter], indices: dict[str, torch.Tensor],
+           scales: dict[str, float], inputs: BlockInputs, hidden: torch.Tensor, target: torch.Tensor,
+           config: FinetuneConfig, seed: int) -> None:
+    """Adam on sum_i ||block(hidden_i) - target_i||^2 / ||target_i||^2 over the values `params`."""
+    optimizer = torch.optim.Adam([{"params": [params[n]], "lr": config.lr * scales[n]} for n in params])
+    generator = torch.Generator().manual_seed(seed)
+    norms = target.square().sum(dim=(1, 2)).clamp(min=1e-30)
+    for _ in range(config.epochs):
+        order = torch.randperm(hidden.shape[0], generator=generator).tolist()
+        for start in range(0, len(order), config.windows_per_step):
+            optimizer.zero_grad(set_to_none=True)
+            for i in order[start:start + config.windows_per_step]:
+                weights = {f"{n}.weight": params[n][indices[n]] for n in params}
+                loss = (_output(block, weights, inputs, hidden[i]) - target[i]).square().sum() / norms[i]
+                loss.backward()
+            optimizer.step()
