@@ -1,5 +1,6 @@
 """Block fine-tuning of CMPQ's stored values (`cmpq quantize --finetune`) on smollm2-135m: WikiText-2 (quick
-protocol) at a bpw target without and with fine-tuning, quick calibration (32 x 512 C4 tokens).
+protocol) at a bpw target without and with fine-tuning, quick calibration (32 x 512 C4 tokens unless a run
+says otherwise).
 
 Each run is its own `cmpq quantize` process. Writes benchmarks/results/finetune.jsonl (a run replaces the stored
 record of the same name and target; others are kept) and finetune.md.
@@ -19,13 +20,14 @@ from store import RESULTS, update_readme  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
 
-# name -> extra `cmpq quantize` flags (CMPQ's best preset underneath)
+# name -> extra `cmpq quantize` flags (CMPQ's best preset underneath; a later --nsamples overrides the 32)
 RUNS: dict[str, list[str]] = {
     "none": [],
     "2 epochs, lr 1e-3": ["--finetune", "2", "--finetune-lr", "1e-3"],
     "3 epochs, lr 3e-3": ["--finetune", "3", "--finetune-lr", "3e-3"],
     "3 epochs, lr 3e-3, model target": ["--finetune", "3", "--finetune-lr", "3e-3", "--finetune-target", "model"],
     "4 epochs, lr 6e-3": ["--finetune", "4", "--finetune-lr", "6e-3"],
+    "3 epochs, lr 3e-3, 64 windows": ["--finetune", "3", "--finetune-lr", "3e-3", "--nsamples", "64"],
 }
 
 
@@ -49,15 +51,16 @@ def _commit(commit: str) -> str:
 
 
 def render(records: list[dict]) -> str:
-    lines = ["CMPQ (best preset) on smollm2-135m, quick calibration (32 x 512), WikiText-2 quick protocol.", "",
-             "| run | target bpw | honest bpw | WikiText-2 | quant s | blocks kept | median block error after/before |"
-             " commit |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["CMPQ (best preset) on smollm2-135m, WikiText-2 quick protocol.", "",
+             "| run | calibration | target bpw | honest bpw | WikiText-2 | quant s | blocks kept | "
+             "median block error after/before | commit |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         blocks = (r["calibration"].get("finetune") or {}).get("blocks", [])
         ratios = sorted(b["error_after"] / b["error_before"] for b in blocks if b["error_before"] > 0)
         kept = sum(b["error_after"] < b["error_before"] for b in blocks)
         median = f"{ratios[len(ratios) // 2]:.3f}" if ratios else "-"
-        lines.append(f"| {r['run']} | {r['target_bits']} | {r['bpw']:.4f} | {r['ppl']['wikitext2']['ppl']:.2f} | "
+        c = r["calibration"]
+        lines.append(f"| {r['run']} | {c['nsamples']} x {c['seqlen']} | {r['target_bits']} | {r['bpw']:.4f} | {r['ppl']['wikitext2']['ppl']:.2f} | "
                      f"{r['quant_seconds']:.0f} | {kept if blocks else '-'} | {median} | "
                      f"{_commit(r['git_commit'])} |")
     lines += ["", "Command: `python benchmarks/finetune.py` (`--runs NAME,...` re-measures some; names as in "
