@@ -78,6 +78,19 @@ def test_cli_quantize_writes_a_protocol_record(tiny_dir, tmp_path, monkeypatch, 
     assert "bpw honest" in capsys.readouterr().out
 
 
+def test_cli_finetune_records_each_block_and_keeps_the_bits(tiny_dir, tmp_path):
+    common = ["quantize", "--model", str(tiny_dir), "--bits", "2.5", "--nsamples", "4", "--seqlen", "32",
+              "--calib-dtype", "float32", "--eval", "none", "--no-progress"]
+    plain = run(common)
+    tuned = run(common + ["--finetune", "1", "--finetune-lr", "1e-2", "--finetune-target", "model"])
+    finetune = tuned["calibration"]["finetune"]
+    assert finetune["epochs"] == 1 and finetune["lr"] == 1e-2 and finetune["target"] == "model"
+    assert [b["block"] for b in finetune["blocks"]] == [0, 1]
+    assert all(b["error_after"] <= b["error_before"] for b in finetune["blocks"])
+    assert "finetune" not in plain["calibration"]
+    assert tuned["bpw"] <= 2.5
+
+
 def test_cli_eval_reports_windows_and_tokens(tiny_dir, capsys):
     record = run(["eval", "--model", str(tiny_dir), "--ppl", "wikitext2", "--no-progress"])
     r = record["ppl"]["wikitext2"]
@@ -91,6 +104,8 @@ def test_cli_eval_reports_windows_and_tokens(tiny_dir, capsys):
     (["quantize", "--method", "rtn", "--bits", "2.5"], "rtn.bits"),
     (["quantize", "--method", "rtn", "--bits", "4", "--group-size", "0"], "rtn.group_size"),
     (["quantize", "--bits", "4", "--nsamples", "0"], "calib.nsamples"),
+    (["quantize", "--bits", "3", "--finetune", "-1"], "finetune.epochs"),
+    (["quantize", "--bits", "3", "--finetune", "1", "--finetune-lr", "0"], "finetune.lr"),
     (["quantize", "--bits", "1.0", "--bit-set", "2,3,4"], "cmpq.bits"),
     (["quantize", "--bits", "3", "--act-outliers", "0.6"], "cmpq.act_outliers"),
     (["quantize", "--bits", "3", "--group-size", "128"], "cmpq: unknown option"),
