@@ -106,6 +106,7 @@ def test_cli_eval_reports_windows_and_tokens(tiny_dir, capsys):
     (["quantize", "--bits", "4", "--nsamples", "0"], "calib.nsamples"),
     (["quantize", "--bits", "3", "--finetune", "-1"], "finetune.epochs"),
     (["quantize", "--bits", "3", "--finetune", "1", "--finetune-lr", "0"], "finetune.lr"),
+    (["quantize", "--method", "rtn", "--bits", "3", "--finetune", "1"], "not rtn's"),
     (["quantize", "--bits", "1.0", "--bit-set", "2,3,4"], "cmpq.bits"),
     (["quantize", "--bits", "3", "--act-outliers", "0.6"], "cmpq.act_outliers"),
     (["quantize", "--bits", "3", "--group-size", "128"], "cmpq: unknown option"),

@@ -362,6 +362,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                             dtype=args.calib_dtype)
         finetune = FinetuneConfig(epochs=args.finetune, lr=args.finetune_lr, target=args.finetune_target)
+        if finetune.epochs and args.method != "cmpq":
+            raise ConfigError(f"--finetune trains the values of lookup-quantized layers (cmpq), not {args.method}'s")
         eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
         for name in eval_config.datasets:
             load_eval_text(name)
