@@ -30,15 +30,30 @@ def test_lookup_values_reproduce_the_weight():
         qw = CMPQ(_config(codebook=codebook)).quantize(w, stats)
         theta, index = qw.lookup_values()
         assert torch.equal(theta[index], qw.dequantize())
-        again = qw.with_values(theta)  # rounding values that are already stored changes nothing
+        again = qw.with_values(theta)  # values already on the grid stay where they are
         torch.testing.assert_close(again.dequantize(), qw.dequantize(), rtol=0, atol=1e-6)
         assert index.shape == w.shape and int(index.max()) < theta.numel()
 
 
-def test_lookup_index_puts_outliers_after_the_codebooks_in_row_major_order():
+def test_lookup_index_puts_outliers_after_the_codebooks_in_their_order():
     codes = torch.tensor([[0, 1], [1, 0]])
-    outliers = torch.tensor([[False, True], [True, False]])
-    assert lookup_index(codes, 2, outliers).tolist() == [[0, 4], [5, 2]]
+    assert lookup_index(codes, 2, torch.tensor([0, 1]), torch.tensor([1, 0])).tolist() == [[0, 4], [5, 2]]
+    assert lookup_index(codes, 2, torch.tensor([1, 0]), torch.tensor([0, 1])).tolist() == [[0, 5], [4, 2]]
+
+
+def test_with_values_keeps_the_int8_grid_unless_values_leave_it():
+    from cmpq.packed.synthetic import random_cmpq_layer
+
+    layer = random_cmpq_layer(32, 24, torch.tensor([1, 2, 3] * 8), nnz=10, codebook="int8")
+    theta, _ = layer.lookup_values()
+    same = layer.with_values(theta)
+    assert same.int8_grid == layer.int8_grid and torch.equal(same.dequantize(), layer.dequantize())
+    lo, scale = layer.int8_grid
+    moved = theta.clone()
+    moved[0] = lo + 300 * scale  # past the grid's top
+    wider = layer.with_values(moved)
+    assert wider.int8_grid != layer.int8_grid
+    assert wider.codebooks[0, 0] == pytest.approx(lo + 300 * scale, abs=wider.int8_grid[1])
 
 
 def _quantize_tiny(epochs: int, target: str = "block"):
@@ -77,10 +92,49 @@ def test_finetune_needs_windows_and_valid_settings():
             FinetuneConfig(**bad)
 
 
-def test_model_target_follows_the_float_model():
-    """With target="model", block 1's target is the float model's state after block 1: its error before
-    fine-tuning includes block 0's drift, so it is at least the block-target error of the same block."""
-    _, by_block = _quantize_tiny(2, "block")
-    _, by_model = _quantize_tiny(2, "model")
-    assert by_model.finetune[0]["error_before"] == pytest.approx(by_block.finetune[0]["error_before"])
-    assert by_model.finetune[1]["error_before"] > by_block.finetune[1]["error_before"]
+def test_targets_are_the_float_blocks_or_the_float_models_states(monkeypatch):
+    """target="block": the float block on the quantized model's inputs; target="model": the float model's own
+    hidden state after that block (read by a hook on an untouched copy of the model)."""
+    import copy
+
+    import cmpq.pipeline as pipeline
+
+    model = tiny_model("llama", seed=0)
+    windows = torch.randint(0, TINY_VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    reference, states, seen = copy.deepcopy(model), [], []
+    hooks = [block.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
+             for block in find_arch(reference).blocks(reference)]
+    with torch.no_grad():
+        for window in windows:
+            reference(window[None])
+    for hook in hooks:
+        hook.remove()
+    float_states = [torch.cat(states[b::2]) for b in range(2)]  # per block: (windows, seqlen, hidden)
+    original = pipeline.finetune_block
+
+    def spy(block, layers, inputs, hidden, target, config, seed=0):
+        seen.append((hidden.clone(), target.clone()))
+        return original(block, layers, inputs, hidden, target, config, seed)
+
+    monkeypatch.setattr(pipeline, "finetune_block", spy)
+    for target in ("block", "model"):
+        seen.clear()
+        quantize_model(copy.deepcopy(model), find_arch(model), get_quantizer("cmpq", preset="best", bits=2.5),
+                       windows, progress=False, finetune=FinetuneConfig(epochs=1, lr=1e-2, target=target))
+        torch.testing.assert_close(seen[0][1], float_states[0])  # block 0: both are the float block on float inputs
+        if target == "model":
+            torch.testing.assert_close(seen[1][1], float_states[1])
+        else:  # the float block 1 on what the quantized block 0 produced, not the float model's state
+            assert not torch.allclose(seen[1][1], float_states[1], atol=1e-3)
+            assert not torch.allclose(seen[1][0], float_states[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finetune_runs_under_no_grad_and_in_the_models_precision(dtype):
+    model = tiny_model("llama", seed=0).to(dtype)
+    windows = torch.randint(0, TINY_VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # library callers often quantize inside no_grad
+        result = quantize_model(model, find_arch(model), get_quantizer("cmpq", preset="best", bits=2.5), windows,
+                                progress=False, finetune=FinetuneConfig(epochs=1, lr=1e-2))
+    assert len(result.finetune) == 2 and any(b["kept"] for b in result.finetune)
+    assert all(p.dtype == dtype for p in model.parameters())

@@ -2,8 +2,8 @@
 
 After a block's linears are quantized, its outputs on the calibration windows drift from the float block's.
 A lookup-quantized weight is theta[index] with index fixed by the codes (`CMPQWeight.lookup_values`), so the
-values theta can be trained by gradient descent on the block's output error, as AQLM and QuIP# fine-tune,
-one block at a time here so memory stays the activation buffers. Unlike the per-layer refit, the loss sees
+values theta can be trained by gradient descent on the block's output error, as AQLM fine-tunes its
+codebooks, one block at a time here so memory stays a few activation buffers. Unlike the per-layer refit, the loss sees
 the whole block (attention, SwiGLU, the residual), so errors of one linear can be absorbed by another's
 values. The file format, the bit accounting and the kernels are unchanged: only the values move.
 The result is kept only if the block's error on the calibration windows falls after the values are rounded
@@ -56,8 +56,16 @@ def tunable(layer: QuantizedWeight) -> bool:
 
 def _output(block: nn.Module, weights: dict[str, torch.Tensor], inputs: BlockInputs,
             window: torch.Tensor) -> torch.Tensor:
-    result = functional_call(block, weights, (window[None], *inputs.args), dict(inputs.kwargs), strict=False)
-    return (result[0] if isinstance(result, (tuple, list)) else result)[0]
+    """The block's output for one window, `weights` (name.weight -> tensor) replacing its own, each cast to the
+    dtype of the weight it replaces: the forwards run in the model's own precision."""
+    weights = {name: value.to(block.get_parameter(name).dtype) for name, value in weights.items()}
+    result = functional_call(block, weights, (window[None].to(_dtype(block)), *inputs.args), dict(inputs.kwargs),
+                             strict=False)
+    return (result[0] if isinstance(result, (tuple, list)) else result)[0].float()
+
+
+def _dtype(block: nn.Module) -> torch.dtype:
+    return next(block.parameters()).dtype
 
 
 def block_error(block: nn.Module, weights: dict[str, torch.Tensor], inputs: BlockInputs, hidden: torch.Tensor,
@@ -70,16 +78,17 @@ def block_error(block: nn.Module, weights: dict[str, torch.Tensor], inputs: Bloc
 
 def finetune_block(block: nn.Module, layers: dict[str, QuantizedWeight], inputs: BlockInputs,
                    hidden: torch.Tensor, target: torch.Tensor, config: FinetuneConfig,
-                   seed: int = 0) -> tuple[dict[str, QuantizedWeight], float, float]:
+                   seed: int = 0) -> tuple[dict[str, QuantizedWeight], float, float, bool]:
     """Train the stored values of `layers` (name inside `block` -> quantized weight) so that `block` maps the
-    windows `hidden` (n, seqlen, d) to `target` (the float block's outputs). Returns the layers to keep
-    (fine-tuned and rounded, or the originals when that does not lower the error) and the error before and
-    after (`block_error`)."""
+    windows `hidden` (n, seqlen, d) to `target` (`FinetuneConfig.target`: the float block's outputs on these
+    windows, or the float model's states after this block). Returns the layers to keep (fine-tuned and
+    rounded, or the originals when that does not lower the error), the error before and with the fine-tuned
+    values (`block_error`), and whether they were kept."""
     layers = {name: qw for name, qw in layers.items() if tunable(qw)}
     frozen = {f"{name}.weight": qw.dequantize() for name, qw in layers.items()}
     before = block_error(block, frozen, inputs, hidden, target)
     if config.epochs == 0 or not layers:
-        return layers, before, before
+        return layers, before, before, False
     params, indices, scales = {}, {}, {}
     for name, qw in layers.items():
         theta, index = qw.lookup_values()
@@ -90,13 +99,14 @@ def finetune_block(block: nn.Module, layers: dict[str, QuantizedWeight], inputs:
     for parameter in trainable:  # only the stored values train; the block's own weights stay as they are
         parameter.requires_grad_(False)
     try:
-        _train(block, params, indices, scales, inputs, hidden, target, config, seed)
+        with torch.enable_grad():  # also when the caller quantizes under torch.no_grad()
+            _train(block, params, indices, scales, inputs, hidden, target, config, seed)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
     tuned = {name: qw.with_values(params[name].detach()) for name, qw in layers.items()}
     after = block_error(block, {f"{n}.weight": qw.dequantize() for n, qw in tuned.items()}, inputs, hidden, target)
-    return (tuned, before, after) if after < before else (layers, before, before)
+    return (tuned, before, after, True) if after < before else (layers, before, after, False)
 
 
 def _train(block: nn.Module, params: dict[str, nn.Parameter], indices: dict[str, torch.Tensor],

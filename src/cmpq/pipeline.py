@@ -3,7 +3,7 @@
 Capture the inputs of block 0 for the calibration windows; then for each block: run the windows through it
 with hooks gathering only the statistics the quantizer needs, quantize its linears, and recompute its
 outputs with the quantized weights to feed the next block. Memory is the model plus two activation buffers
-(nsamples x seqlen x hidden), independent of the number of blocks.
+(nsamples x seqlen x hidden; three or four with fine-tuning), independent of the number of blocks.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     true_sequential: gather each group's statistics after the groups before it in the block are quantized
     (GPTQ's --true-sequential), at the cost of one forward pass per group.
     dtype: precision of the calibration forwards (`calibration.precision`); weights are quantized in float32.
-    finetune: after each block is quantized, train the stored values of its lookup-quantized layers on the
-    float block's outputs (`cmpq.finetune`); needs calibration windows.
+    finetune: after each block is quantized, train the stored values of its lookup-quantized layers so that its
+    outputs match the float block's (or the float model's states, `FinetuneConfig.target`; `cmpq.finetune`);
+    needs calibration windows, and one more activation buffer (two for the model target).
     """
     start = time.perf_counter()
     result = QuantizationResult(method=quantizer.name)
@@ -157,8 +158,8 @@ def _finetune(block: nn.Module, arch: ArchSpec, index: int, result: Quantization
     prefix = f"{arch.blocks_path}.{index}."
     layers = {name: result.layers[prefix + name] for name in arch.linear_names}
     bar.set_postfix_str("fine-tune")
-    kept, before, after = finetune_block(block, layers, inputs, hidden, target, config, seed=index)
-    result.finetune.append({"block": index, "error_before": before, "error_after": after})
+    kept, before, after, improved = finetune_block(block, layers, inputs, hidden, target, config, seed=index)
+    result.finetune.append({"block": index, "error_before": before, "error_after": after, "kept": improved})
     linears = arch.block_linears(block)
     for name, qw in kept.items():
         result.layers[prefix + name] = qw

@@ -125,11 +125,12 @@ def round_to_grid(codebooks: torch.Tensor, grid: tuple[float, float]) -> torch.T
     return lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
 
 
-def lookup_index(codes: torch.Tensor, entries_per_column: int, outliers: torch.Tensor) -> torch.Tensor:
-    """(out, in) positions into theta = [codebooks (in, K) flattened, outlier values in row-major order]."""
+def lookup_index(codes: torch.Tensor, entries_per_column: int, outlier_rows: torch.Tensor,
+                 outlier_cols: torch.Tensor) -> torch.Tensor:
+    """(out, in) positions into theta = [codebooks (in, K) flattened, outlier values in the order given]."""
     columns = codes.shape[1]
     index = torch.arange(columns)[None, :] * entries_per_column + codes.long()
-    index[outliers] = columns * entries_per_column + torch.arange(int(outliers.sum()))
+    index[outlier_rows, outlier_cols] = columns * entries_per_column + torch.arange(outlier_rows.numel())
     return index
 
 
@@ -163,27 +164,25 @@ class CMPQWeight(QuantizedWeight):
     def column_widths(self) -> torch.Tensor:
         return self.widths
 
-    def outlier_mask(self) -> torch.Tensor:
-        mask = torch.zeros(self.shape, dtype=torch.bool)
-        mask[self.outlier_rows, self.outlier_cols] = True
-        return mask
-
     def lookup_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(theta, index): the stored values, [codebooks flattened, outlier values], and the (out, in) position
         of each weight in theta, so that dequantize() == theta[index]. Fine-tuning (`cmpq.finetune`) trains
         theta with the index fixed."""
         theta = torch.cat([self.codebooks.flatten(), self.outlier_values.float()])
-        return theta, lookup_index(self.codes, self.codebooks.shape[1], self.outlier_mask())
+        return theta, lookup_index(self.codes, self.codebooks.shape[1], self.outlier_rows, self.outlier_cols)
 
     def with_values(self, theta: torch.Tensor) -> "CMPQWeight":
         """A copy holding the values `theta` (as `lookup_values` lays them out) rounded as they are stored:
-        FP16, or int8 on a new grid spanning the new entries."""
+        FP16, or int8 on the layer's grid (a new one spanning the new entries if some fall outside it)."""
         columns, entries = self.codebooks.shape
         used = used_entries(self.widths, entries)
         books = torch.where(used, theta[: columns * entries].reshape(columns, entries).float(), self.codebooks)
         grid = None
         if self.codebook_format == "int8":
-            grid = fit_int8_grid(books, used)
+            grid = self.int8_grid
+            values = books[used]
+            if grid is None or values.numel() and (values.min() < grid[0] or values.max() > grid[0] + 255 * grid[1]):
+                grid = fit_int8_grid(books, used)
             books = torch.where(used, round_to_grid(books, grid), books)
         else:
             books = books.half().float()
