@@ -138,3 +138,25 @@ def test_finetune_runs_under_no_grad_and_in_the_models_precision(dtype):
                                 progress=False, finetune=FinetuneConfig(epochs=1, lr=1e-2))
     assert len(result.finetune) == 2 and any(b["kept"] for b in result.finetune)
     assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_a_fine_tuned_model_saves_says_so_and_round_trips(tmp_path):
+    import json
+
+    from cmpq.models.load import LoadedModel
+    from cmpq.models.tiny import tiny_tokenizer
+    from cmpq.packed.model_io import load, save_quantized
+
+    model = tiny_model("llama", seed=0)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), arch=find_arch(model), spec="tiny", source="tiny")
+    windows = torch.randint(3, TINY_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantizer = get_quantizer("cmpq", preset="best", bits=2.5)
+    result = quantize_model(model, loaded.arch, quantizer, windows, progress=False,
+                            finetune=FinetuneConfig(epochs=2, lr=1e-2))
+    directory = save_quantized(loaded, result, quantizer, tmp_path / "tuned")
+    saved = json.loads((directory / "config.json").read_text())["quantization_config"]["finetune"]
+    assert saved["epochs"] == 2 and saved["lr"] == 1e-2 and saved["target"] == "block"
+    assert saved["blocks_kept"] == sum(b["kept"] for b in result.finetune) > 0
+    reloaded = load(directory)
+    for name, qw in result.layers.items():
+        assert torch.equal(reloaded.model.get_submodule(name).dequantize(), qw.dequantize()), name

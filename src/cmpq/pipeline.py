@@ -36,6 +36,7 @@ class QuantizationResult:
     head: str | None = None
     hooks: list = field(default_factory=list)  # activation quantizers installed on the model (SmoothQuant)
     finetune: list = field(default_factory=list)  # per block: output error before and after fine-tuning
+    finetune_config: FinetuneConfig | None = None  # the fine-tuning that produced `finetune`, if any
 
     def remove_hooks(self) -> None:
         """Take the activation quantizers off the model (e.g. before restoring its float weights)."""
@@ -78,6 +79,7 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     needs = quantizer.needs() - set(GRADIENT_STATISTICS)  # gathered by hooks during the block-by-block pass
     head_needs = head.needs() if head is not None else frozenset()
     tune = finetune is not None and finetune.epochs > 0
+    result.finetune_config = finetune if tune else None
     feed = bool(needs or head_needs or tune)  # whether calibration activations flow through the blocks
     if (all_needs or head_needs) and windows is None:
         what = quantizer.name if all_needs else "the head's quantizer"

@@ -112,6 +112,13 @@ def _head_entry(result: QuantizationResult, head: Quantizer | None) -> dict[str,
     return describe_head(result.head, result.layers[result.head], head)
 
 
+def _finetune_entry(result: QuantizationResult) -> dict | None:
+    """How the stored values were fine-tuned (`cmpq.finetune`), or None."""
+    if result.finetune_config is None:
+        return None
+    return {**config_to_dict(result.finetune_config), "blocks_kept": sum(b["kept"] for b in result.finetune)}
+
+
 def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Quantizer, directory: Path,
                    overwrite: bool = False, head: Quantizer | None = None) -> Path:
     """Write the quantized model to `directory` atomically; returns the directory. `head`: the quantizer of
@@ -126,7 +133,8 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
         config.quantization_config = CmpqHfConfig(
             method=result.method, config=json.loads(json.dumps(config_to_dict(quantizer.config))),
             target_bits=quantizer.target_bits(), bpw=storage.bpw, layers=sorted(result.layers),
-            checksum=sha256(tmp / WEIGHTS), head=_head_entry(result, head), base_model=loaded.spec).to_dict()
+            checksum=sha256(tmp / WEIGHTS), head=_head_entry(result, head), base_model=loaded.spec,
+            finetune=_finetune_entry(result)).to_dict()
         config.dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
