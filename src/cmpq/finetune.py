@@ -49,6 +49,11 @@ class FinetuneConfig:
               "must be an integer >= 1", self.windows_per_step)
 
 
+def enabled(config: FinetuneConfig | None) -> bool:
+    """Whether `config` asks for any fine-tuning."""
+    return config is not None and config.epochs > 0
+
+
 def tunable(layer: QuantizedWeight) -> bool:
     """Whether a quantized weight exposes its stored values (`lookup_values` / `with_values`)."""
     return hasattr(layer, "lookup_values") and hasattr(layer, "with_values")

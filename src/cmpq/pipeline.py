@@ -19,7 +19,7 @@ from cmpq.calibration.capture import capture_block_inputs, run_block
 from cmpq.calibration.gradients import gradient_statistics
 from cmpq.calibration.stats import GRADIENT_STATISTICS, LayerStats, StatsRecorder
 from cmpq.errors import CmpqError, ConfigError
-from cmpq.finetune import FinetuneConfig, finetune_block
+from cmpq.finetune import FinetuneConfig, enabled, finetune_block
 from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
 from cmpq.quantizers.base import BitBreakdown, QuantizedWeight, Quantizer
@@ -78,7 +78,7 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     all_needs = quantizer.calibration_needs()
     needs = quantizer.needs() - set(GRADIENT_STATISTICS)  # gathered by hooks during the block-by-block pass
     head_needs = head.needs() if head is not None else frozenset()
-    tune = finetune is not None and finetune.epochs > 0
+    tune = enabled(finetune)
     result.finetune_config = finetune if tune else None
     feed = bool(needs or head_needs or tune)  # whether calibration activations flow through the blocks
     if (all_needs or head_needs) and windows is None:
@@ -134,7 +134,8 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                         result.hooks.append(linear.register_forward_pre_hook(hook))
                     result.layers[full_name] = qw
             if tune:
-                _finetune(block, arch, index, result, inputs, hidden, target, finetune, bar)
+                _finetune(block, linears, index, f"{arch.blocks_path}.{index}.", result, inputs, hidden, target,
+                          finetune, bar)
                 if float_hidden is not None:  # the float states after this block feed the next one's target
                     float_hidden, target = target, float_hidden
             # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
@@ -153,16 +154,14 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     return result
 
 
-def _finetune(block: nn.Module, arch: ArchSpec, index: int, result: QuantizationResult, inputs, hidden: torch.Tensor,
-              target: torch.Tensor, config: FinetuneConfig, bar) -> None:
-    """Fine-tune the stored values of block `index` (`cmpq.finetune`) and put the kept ones in the model and
-    `result`."""
-    prefix = f"{arch.blocks_path}.{index}."
-    layers = {name: result.layers[prefix + name] for name in arch.linear_names}
+def _finetune(block: nn.Module, linears: dict[str, nn.Linear], index: int, prefix: str, result: QuantizationResult,
+              inputs, hidden: torch.Tensor, target: torch.Tensor, config: FinetuneConfig, bar) -> None:
+    """Fine-tune the stored values of block `index`, whose layers are named `prefix` + name (`cmpq.finetune`),
+    and put the kept ones in the model and `result`."""
+    layers = {name: result.layers[prefix + name] for name in linears}
     bar.set_postfix_str("fine-tune")
     kept, before, after, improved = finetune_block(block, layers, inputs, hidden, target, config, seed=index)
     result.finetune.append({"block": index, "error_before": before, "error_after": after, "kept": improved})
-    linears = arch.block_linears(block)
     for name, qw in kept.items():
         result.layers[prefix + name] = qw
         with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
 from cmpq.errors import ConfigError
-from cmpq.finetune import FinetuneConfig
+from cmpq.finetune import FinetuneConfig, enabled
 from cmpq.data.sampling import calibration_windows
 from cmpq.eval.harness import TaskConfig
 from cmpq.eval.kld import KLDConfig, Reference
@@ -48,7 +48,7 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     result and the calibration description for the record."""
     calib_info: dict[str, Any] = {"used": False}
     windows = None
-    tune = finetune is not None and finetune.epochs > 0
+    tune = enabled(finetune)
     if quantizer.calibration_needs() or (head is not None and head.needs()) or tune:
         check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)

@@ -179,9 +179,10 @@ class CMPQWeight(QuantizedWeight):
         books = torch.where(used, theta[: columns * entries].reshape(columns, entries).float(), self.codebooks)
         grid = None
         if self.codebook_format == "int8":
-            grid = self.int8_grid
-            values = books[used]
-            if grid is None or values.numel() and (values.min() < grid[0] or values.max() > grid[0] + 255 * grid[1]):
+            grid, values = self.int8_grid, books[used]
+            outside = grid is None or (values.numel() > 0 and (values.min() < grid[0]
+                                                               or values.max() > grid[0] + 255 * grid[1]))
+            if outside:
                 grid = fit_int8_grid(books, used)
             books = torch.where(used, round_to_grid(books, grid), books)
         else:
@@ -385,11 +386,10 @@ class CMPQ(Quantizer):
             final = self._feedback(w, stats["hessian"], widths, codebooks, outliers, grid)
             codes = self._codes(final.T.contiguous(), widths, codebooks)
         rows_idx, cols_idx = outliers.nonzero(as_tuple=True)   # row-major order, as CSR stores them
-        qw = CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
-                        codebooks=codebooks, outlier_rows=rows_idx, outlier_cols=cols_idx,
-                        outlier_values=final[rows_idx, cols_idx].half(), codebook_format=config.codebook,
-                        int8_grid=grid)
-        return qw
+        return CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
+                          codebooks=codebooks, outlier_rows=rows_idx, outlier_cols=cols_idx,
+                          outlier_values=final[rows_idx, cols_idx].half(), codebook_format=config.codebook,
+                          int8_grid=grid)
 
     def _feedback(self, w: torch.Tensor, hessian: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor,
                   outliers: torch.Tensor, int8_grid: tuple[float, float] | None) -> torch.Tensor:
@@ -453,7 +453,6 @@ class CMPQ(Quantizer):
             codebooks.copy_(torch.where(used & refit[:, None], round_to_grid(codebooks, grid), codebooks))
             return grid
         return None
-
 
     @staticmethod
     def _codes(values: torch.Tensor, widths: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
