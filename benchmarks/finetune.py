@@ -28,6 +28,7 @@ RUNS: dict[str, list[str]] = {
     "3 epochs, lr 3e-3, model target": ["--finetune", "3", "--finetune-lr", "3e-3", "--finetune-target", "model"],
     "4 epochs, lr 6e-3": ["--finetune", "4", "--finetune-lr", "6e-3"],
     "3 epochs, lr 3e-3, 64 windows": ["--finetune", "3", "--finetune-lr", "3e-3", "--nsamples", "64"],
+    "3 epochs, lr 3e-3, then distill 2 epochs": ["--finetune", "3", "--finetune-lr", "3e-3", "--distill", "2"],
 }
 
 
@@ -50,10 +51,20 @@ def _commit(commit: str) -> str:
     return str(commit)[:12] + ("+" if str(commit).endswith("-dirty") else "")
 
 
+def _distill(record: dict) -> str:
+    """Held-out KL to the float model before distillation and for the epoch kept, or "-"."""
+    d = record["calibration"].get("distill")
+    if not d:
+        return "-"
+    kl = d["held_out_kl"]
+    return f"{kl[0]:.4f} -> {kl[d['epoch_kept']]:.4f} ({d['epoch_kept']})"
+
+
 def render(records: list[dict]) -> str:
     lines = ["CMPQ (best preset) on smollm2-135m, WikiText-2 quick protocol.", "",
              "| run | calibration | target bpw | honest bpw | WikiText-2 | quant s | blocks kept | "
-             "median block error after/before | commit |", "|---|---|---|---|---|---|---|---|---|"]
+             "median block error after/before | distill: held-out KL before -> kept (epoch) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         blocks = (r["calibration"].get("finetune") or {}).get("blocks", [])
         ratios = sorted(b["error_after"] / b["error_before"] for b in blocks if b["error_before"] > 0)
@@ -61,7 +72,7 @@ def render(records: list[dict]) -> str:
         median = f"{ratios[len(ratios) // 2]:.3f}" if ratios else "-"
         c = r["calibration"]
         lines.append(f"| {r['run']} | {c['nsamples']} x {c['seqlen']} | {r['target_bits']} | {r['bpw']:.4f} | {r['ppl']['wikitext2']['ppl']:.2f} | "
-                     f"{r['quant_seconds']:.0f} | {kept if blocks else '-'} | {median} | "
+                     f"{r['quant_seconds']:.0f} | {kept if blocks else '-'} | {median} | {_distill(r)} | "
                      f"{_commit(r['git_commit'])} |")
     lines += ["", "Command: `python benchmarks/finetune.py` (`--runs NAME,...` re-measures some; names as in "
                   "RUNS). Quant seconds include fine-tuning; they are wall time on 2 cores, not a timing benchmark."]

@@ -18,6 +18,14 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama saved as a Hugging Face directory (config, weights, tokenizer)."""
+    from cmpq.models.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+
+
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama", seed=0)

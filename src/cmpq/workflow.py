@@ -13,12 +13,14 @@ import torch
 from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
 from cmpq.errors import ConfigError
-from cmpq.finetune import FinetuneConfig, enabled
+from cmpq import distill as distillation
 from cmpq.data.sampling import calibration_windows
+from cmpq.distill import DistillConfig
 from cmpq.eval.harness import TaskConfig
 from cmpq.eval.kld import KLDConfig, Reference
 from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
+from cmpq.finetune import FinetuneConfig, enabled
 from cmpq.head import describe_head
 from cmpq.models.load import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
@@ -43,21 +45,35 @@ def evaluate(loaded: LoadedModel, config: EvalConfig, progress: bool = True) -> 
 
 def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true_sequential: bool = False,
              progress: bool = True, head: Quantizer | None = None,
-             finetune: FinetuneConfig | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
-    """Quantize `loaded.model` in place (and its output head with `head`, after the blocks); returns the
-    result and the calibration description for the record."""
+             finetune: FinetuneConfig | None = None,
+             distill: DistillConfig | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
+    """Quantize `loaded.model` in place (and its output head with `head`, after the blocks), then distill its
+    stored values end to end if `distill` asks (`cmpq.distill`); returns the result and the calibration
+    description for the record."""
     calib_info: dict[str, Any] = {"used": False}
     windows = None
     tune = enabled(finetune)
-    if quantizer.calibration_needs() or (head is not None and head.needs()) or tune:
+    distil = distillation.enabled(distill)
+    if quantizer.calibration_needs() or (head is not None and head.needs()) or tune or distil:
         check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,
                       "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
+    dtype = resolve_dtype(calib.dtype)
+    teacher = distillation.teacher_topk(loaded.model, windows, distill.topk, dtype, progress) if distil else None
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
-                            progress=progress, dtype=resolve_dtype(calib.dtype), head=head, finetune=finetune)
+                            progress=progress, dtype=dtype, head=head, finetune=finetune)
     if tune:
         calib_info["finetune"] = {**config_to_dict(finetune), "blocks": result.finetune}
+    if distil:
+        start = time.perf_counter()
+        blocks = {name: qw for name, qw in result.layers.items() if name != result.head}
+        kept, record = distillation.distill_model(loaded.model, blocks, windows, teacher, distill, dtype,
+                                                  seed=calib.seed, progress=progress)
+        result.layers.update(kept)
+        result.distill = {**config_to_dict(distill), **record}
+        result.seconds += time.perf_counter() - start
+        calib_info["distill"] = result.distill
     return result, calib_info
 
 

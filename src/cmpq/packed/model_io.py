@@ -119,6 +119,15 @@ def _finetune_entry(result: QuantizationResult) -> dict | None:
     return {**config_to_dict(result.finetune_config), "blocks_kept": sum(b["kept"] for b in result.finetune)}
 
 
+def _distill_entry(result: QuantizationResult) -> dict | None:
+    """How the stored values were distilled end to end (`cmpq.distill`), or None."""
+    if result.distill is None:
+        return None
+    keys = ("epochs", "lr", "topk", "holdout", "epoch_kept")
+    return {**{key: result.distill[key] for key in keys},
+            "held_out_kl": result.distill["held_out_kl"][result.distill["epoch_kept"]]}
+
+
 def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Quantizer, directory: Path,
                    overwrite: bool = False, head: Quantizer | None = None) -> Path:
     """Write the quantized model to `directory` atomically; returns the directory. `head`: the quantizer of
@@ -134,7 +143,7 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
             method=result.method, config=json.loads(json.dumps(config_to_dict(quantizer.config))),
             target_bits=quantizer.target_bits(), bpw=storage.bpw, layers=sorted(result.layers),
             checksum=sha256(tmp / WEIGHTS), head=_head_entry(result, head), base_model=loaded.spec,
-            finetune=_finetune_entry(result)).to_dict()
+            finetune=_finetune_entry(result), distill=_distill_entry(result)).to_dict()
         config.dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if loaded.tokenizer is not None:

@@ -1,0 +1,192 @@
+"""End-to-end distillation of the stored values against the float model's next-token distribution.
+
+Block fine-tuning (`cmpq.finetune`) matches each block's outputs on its own; errors that only show in the
+tokens the model predicts, and the drift that quantized blocks pass to later ones, are left. This pass comes
+after every block is quantized: the whole quantized model is trained, the codes fixed, to predict the float
+model's next-token distribution on the calibration windows. What trains is what the packed file stores as
+values anyway: the lookup layers' codebook entries and FP16 outlier values (theta[index],
+`CMPQWeight.lookup_values`), and the model's 1-D float parameters (RMSNorm weights, biases). Codes, widths,
+format and the honest bpw do not change.
+
+The teacher is the float model's top-k log-probabilities per token, computed once before quantization (a few
+MB instead of a vocabulary-wide distribution per token); the loss is the KL divergence from it, with the
+teacher's mass outside its top k as one more outcome. Some calibration windows are held out: the values of the
+epoch with the lowest held-out KL (measured with the values rounded as stored) are kept, or none if no epoch
+beats the model as quantized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from cmpq.calibration.precision import compute_context
+from cmpq.config import check
+from cmpq.finetune import tunable
+from cmpq.quantizers.base import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """epochs: passes over the training windows (0 = off); lr: Adam's step size, in units of each layer's
+    weight RMS for the stored values and of each vector's RMS for the 1-D parameters; topk: teacher
+    log-probabilities kept per token; holdout: fraction of the calibration windows (at least one) held out
+    to choose the epoch kept."""
+
+    epochs: int = 0
+    lr: float = 1e-3
+    topk: int = 128
+    holdout: float = 0.125
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.epochs, int) and self.epochs >= 0, "distill.epochs", "must be an integer >= 0",
+              self.epochs)
+        check(isinstance(self.lr, (int, float)) and self.lr > 0, "distill.lr", "must be a positive number", self.lr)
+        check(isinstance(self.topk, int) and self.topk >= 1, "distill.topk", "must be an integer >= 1", self.topk)
+        check(isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1, "distill.holdout",
+              "must be a fraction in (0, 1)", self.holdout)
+
+
+def enabled(config: DistillConfig | None) -> bool:
+    """Whether `config` asks for distillation."""
+    return config is not None and config.epochs > 0
+
+
+@dataclass
+class Teacher:
+    """The float model's top-k next-token log-probabilities on each calibration window: (n, seqlen, k)."""
+
+    indices: torch.Tensor  # int64
+    logprobs: torch.Tensor  # float32
+
+
+def _logits(model: nn.Module, window: torch.Tensor, dtype: torch.dtype,
+            weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(seqlen, vocab) float32 logits of one window, `weights` (name -> tensor) replacing parameters."""
+    with compute_context(dtype):
+        if weights is None:
+            logits = model(window[None], use_cache=False).logits
+        else:
+            logits = functional_call(model, weights, (window[None],), {"use_cache": False}, strict=False).logits
+    return logits[0].float()
+
+
+def teacher_topk(model: nn.Module, windows: torch.Tensor, topk: int, dtype: torch.dtype = torch.float32,
+                 progress: bool = True) -> Teacher:
+    """The model's top-`topk` log-probabilities at every position of `windows` (nsamples, seqlen)."""
+    indices, logprobs = [], []
+    with torch.no_grad():
+        for i in tqdm(range(windows.shape[0]), desc="distill: teacher", unit="window", disable=not progress):
+            lp = torch.log_softmax(_logits(model, windows[i], dtype), dim=-1)
+            top = lp.topk(min(topk, lp.shape[-1]), dim=-1)
+            indices.append(top.indices)
+            logprobs.append(top.values)
+    return Teacher(torch.stack(indices), torch.stack(logprobs))
+
+
+def sparse_kl(logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus one outcome for all
+    other tokens (exact when the top k hold all the teacher's mass). logits: (L, V); indices, logprobs: (L, k)."""
+    student = torch.log_softmax(logits, dim=-1).gather(1, indices)
+    p = teacher_logprobs.exp()
+    p_rest = (1 - p.sum(dim=-1)).clamp(min=1e-12)
+    q_rest = (1 - student.exp().sum(dim=-1)).clamp(min=1e-12)
+    kl = (p * (teacher_logprobs - student)).sum(dim=-1) + p_rest * (p_rest.log() - q_rest.log())
+    return kl.mean()
+
+
+def split(n: int, holdout: float) -> tuple[list[int], list[int]]:
+    """Training and held-out window indices: the last max(1, round(holdout * n)) windows are held out (all
+    windows train when there is only one)."""
+    held = max(1, round(holdout * n)) if n > 1 else 0
+    return list(range(n - held)), list(range(n - held, n)) or list(range(n))
+
+
+def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows: torch.Tensor, teacher: Teacher,
+                  config: DistillConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Train the stored values of the lookup-quantized `layers` (full module name -> weight, as in the model)
+    and the model's 1-D parameters so that the model's next-token distribution on `windows` matches `teacher`.
+    The model ends holding the kept values (its linears dequantized); returns the layers to keep (rounded as
+    stored) and a record: held-out KL before and after each epoch, and the epoch kept (0 = none). A loss
+    that becomes NaN or infinite ends training there (`diverged_at_epoch`), keeping the best epoch before."""
+    layers = {name: qw for name, qw in layers.items() if tunable(qw)}
+    train, held = split(windows.shape[0], config.holdout)
+    vectors = {name: p for name, p in model.named_parameters() if p.ndim == 1}
+    params, indices, lrs = {}, {}, []
+    for name, qw in layers.items():
+        theta, index = qw.lookup_values()
+        params[name] = nn.Parameter(theta.clone())
+        indices[name] = index
+        rms = float(qw.dequantize().square().mean().sqrt().clamp(min=1e-8))
+        lrs.append({"params": [params[name]], "lr": config.lr * rms})
+    start_vectors = {name: p.detach().clone() for name, p in vectors.items()}
+    for name, p in vectors.items():
+        lrs.append({"params": [p], "lr": config.lr * float(p.detach().float().square().mean().sqrt().clamp(min=1e-8))})
+
+    def rounded() -> dict[str, QuantizedWeight]:
+        return {name: qw.with_values(params[name].detach()) for name, qw in layers.items()}
+
+    def held_out_kl(current: dict[str, QuantizedWeight]) -> float:
+        weights = {f"{n}.weight": qw.dequantize() for n, qw in current.items()}
+        with torch.no_grad():
+            return sum(float(sparse_kl(_logits(model, windows[i], dtype, weights), teacher.indices[i],
+                                       teacher.logprobs[i])) for i in held) / len(held)
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    record = {"train_windows": len(train), "held_out_windows": len(held), "held_out_kl": [held_out_kl(layers)],
+              "train_kl": []}
+    best, best_kl, best_epoch = (layers, start_vectors), record["held_out_kl"][0], 0
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(lrs)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in vectors.values():
+            p.requires_grad_(True)
+        bar = tqdm(total=config.epochs * len(train), desc="distill", unit="window", disable=not progress)
+        for epoch in range(1, config.epochs + 1):
+            losses = []
+            with torch.enable_grad():
+                for i in torch.randperm(len(train), generator=generator).tolist():
+                    optimizer.zero_grad(set_to_none=True)
+                    weights = {f"{n}.weight": params[n][indices[n]] for n in params}
+                    loss = sparse_kl(_logits(model, windows[train[i]], dtype, weights), teacher.indices[train[i]],
+                                     teacher.logprobs[train[i]])
+                    losses.append(float(loss.detach()))
+                    if not math.isfinite(losses[-1]):
+                        break
+                    loss.backward()
+                    optimizer.step()
+                    bar.update()
+                    bar.set_postfix_str(f"kl {losses[-1]:.4f}")
+            current = rounded()
+            kl = held_out_kl(current) if math.isfinite(losses[-1]) else math.nan
+            if not math.isfinite(kl):  # diverged (the step size is too large): keep the best so far
+                record["diverged_at_epoch"] = epoch
+                break
+            record["train_kl"].append(sum(losses) / len(losses))
+            record["held_out_kl"].append(kl)
+            if kl < best_kl:
+                best = (current, {name: p.detach().clone() for name, p in vectors.items()})
+                best_kl, best_epoch = kl, epoch
+        bar.close()
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+    kept, kept_vectors = best
+    with torch.no_grad():
+        for name, p in vectors.items():
+            p.copy_(kept_vectors[name])
+        modules = dict(model.named_modules())
+        for name, qw in kept.items():
+            modules[name].weight.copy_(qw.dequantize().to(modules[name].weight.dtype))
+    record["epoch_kept"] = best_epoch
+    return kept, record
+

@@ -1,0 +1,120 @@
+"""End-to-end distillation of the stored values (`cmpq.distill`)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmpq.distill import DistillConfig, distill_model, sparse_kl, split, teacher_topk
+from cmpq.errors import ConfigError
+from cmpq.models.arch import find_arch
+from cmpq.models.tiny import TINY_VOCAB, tiny_model
+from cmpq.pipeline import quantize_model
+from cmpq.quantizers import get_quantizer
+
+
+def test_sparse_kl_is_the_full_kl_when_the_top_k_hold_every_token():
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    lp = torch.log_softmax(teacher, -1)
+    full = F.kl_div(torch.log_softmax(student, -1), lp, log_target=True, reduction="none").sum(-1).mean()
+    top = lp.topk(11, dim=-1)
+    torch.testing.assert_close(sparse_kl(student, top.indices, top.values), full)
+    top3 = lp.topk(3, dim=-1)
+    assert float(sparse_kl(teacher, top3.indices, top3.values)) == pytest.approx(0, abs=1e-6)  # same distribution
+    assert 0 < float(sparse_kl(student, top3.indices, top3.values)) <= float(full) + 1e-6  # coarser: never above
+
+
+def test_split_holds_out_the_last_windows():
+    assert split(8, 0.125) == ([0, 1, 2, 3, 4, 5, 6], [7])
+    assert split(32, 0.125) == (list(range(28)), [28, 29, 30, 31])
+    assert split(3, 0.01) == ([0, 1], [2])  # at least one
+    assert split(1, 0.125) == ([0], [0])  # a single window trains and is measured
+
+
+def test_config_is_checked():
+    for bad in ({"epochs": -1}, {"lr": 0}, {"topk": 0}, {"holdout": 1.0}, {"holdout": 0}):
+        with pytest.raises(ConfigError):
+            DistillConfig(**bad)
+
+
+def _quantized_tiny(windows):
+    model = tiny_model("llama", seed=0)
+    teacher = teacher_topk(model, windows, topk=16, progress=False)
+    result = quantize_model(model, find_arch(model), get_quantizer("cmpq", preset="best", bits=2.5), windows,
+                            progress=False)
+    return model, result, teacher
+
+
+def test_distillation_lowers_the_held_out_kl_and_changes_only_values_and_norms():
+    windows = torch.randint(0, TINY_VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    model, result, teacher = _quantized_tiny(windows)
+    norms = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 1}
+    kept, record = distill_model(model, result.layers, windows, teacher, DistillConfig(epochs=3, lr=1e-2),
+                                 progress=False)
+    assert record["train_windows"] == 7 and record["held_out_windows"] == 1
+    assert len(record["held_out_kl"]) == 4 and len(record["train_kl"]) == 3
+    best = min(range(4), key=lambda e: record["held_out_kl"][e])
+    assert record["epoch_kept"] == best > 0  # the tiny model gains
+    assert record["held_out_kl"][best] < record["held_out_kl"][0]
+    for name, qw in kept.items():
+        before = result.layers[name]
+        for field in ("widths", "codes", "outlier_rows", "outlier_cols"):
+            assert torch.equal(getattr(qw, field), getattr(before, field)), (name, field)
+        assert qw.storage() == before.storage()
+        assert torch.equal(model.get_submodule(name).weight.data, qw.dequantize())  # the model holds them
+    assert any(not torch.equal(kept[n].codebooks, result.layers[n].codebooks) for n in kept)
+    assert any(not torch.equal(p, norms[n]) for n, p in model.named_parameters() if p.ndim == 1)
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    # the recorded held-out KL is that of the model as left
+    with torch.no_grad():
+        logits = model(windows[7:8]).logits[0]
+    assert float(sparse_kl(logits, teacher.indices[7], teacher.logprobs[7])) == pytest.approx(
+        record["held_out_kl"][best], rel=1e-4)
+
+
+def test_no_epoch_kept_leaves_the_model_as_quantized():
+    windows = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    model, result, teacher = _quantized_tiny(windows)
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    kept, record = distill_model(model, result.layers, windows, teacher, DistillConfig(epochs=1, lr=1e3),
+                                 progress=False)  # a step this large only makes things worse
+    assert record["epoch_kept"] == 0
+    assert record.get("diverged_at_epoch") == 1 or record["held_out_kl"][1] > record["held_out_kl"][0]
+    assert all(kept[n] is result.layers[n] for n in kept)
+    assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
+
+
+def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
+    from cmpq.cli import main
+    from cmpq.eval.records import read_records
+    from cmpq.packed.model_io import load
+
+    out, directory = tmp_path / "r.jsonl", tmp_path / "model"
+    argv = ["quantize", "--model", str(tiny_dir), "--bits", "2.5", "--nsamples", "8", "--seqlen", "32",
+            "--calib-dtype", "float32", "--eval", "none", "--no-progress", "--distill", "2", "--distill-lr", "1e-2",
+            "--distill-topk", "8", "--json", str(out), "--out", str(directory)]
+    assert main(argv) == 0
+    record = read_records(out)[-1]
+    distill = record["calibration"]["distill"]
+    assert distill["epochs"] == 2 and distill["topk"] == 8 and len(distill["held_out_kl"]) == 3
+    saved = json.loads((directory / "config.json").read_text())["quantization_config"]["distill"]
+    assert saved["epoch_kept"] == distill["epoch_kept"]
+    assert saved["held_out_kl"] == distill["held_out_kl"][distill["epoch_kept"]]
+    reloaded = load(directory)
+    norms = {n: p for n, p in reloaded.model.named_parameters() if p.ndim == 1}
+    assert norms and distill["epoch_kept"] > 0
+    from cmpq.models.load import load_model
+
+    original = load_model(str(tiny_dir)).model  # the distilled norms were saved, not the original ones
+    assert any(not torch.equal(p, original.get_parameter(n)) for n, p in norms.items())
+    assert record["bpw"] == pytest.approx(json.loads((directory / "config.json").read_text())
+                                          ["quantization_config"]["bpw"])
+
+
+def test_cli_refuses_distill_for_other_methods(capsys):
+    from cmpq.cli import main
+
+    assert main(["quantize", "--method", "rtn", "--bits", "3", "--distill", "1"]) == 2
+    assert "not rtn's" in capsys.readouterr().err
