@@ -1,6 +1,6 @@
-"""Block fine-tuning of CMPQ's stored values (`cmpq quantize --finetune`) on smollm2-135m: WikiText-2 (quick
-protocol) at a bpw target without and with fine-tuning, quick calibration (32 x 512 C4 tokens unless a run
-says otherwise).
+"""Fine-tuning of CMPQ's stored values on smollm2-135m (`cmpq quantize --finetune`, block by block, then
+`--distill`, end to end): WikiText-2 (quick protocol) at a bpw target without and with fine-tuning, quick
+calibration (32 x 512 C4 tokens unless a run says otherwise).
 
 Each run is its own `cmpq quantize` process. Writes benchmarks/results/finetune.jsonl (a run replaces the stored
 record of the same name and target; others are kept) and finetune.md.
@@ -29,6 +29,10 @@ RUNS: dict[str, list[str]] = {
     "4 epochs, lr 6e-3": ["--finetune", "4", "--finetune-lr", "6e-3"],
     "3 epochs, lr 3e-3, 64 windows": ["--finetune", "3", "--finetune-lr", "3e-3", "--nsamples", "64"],
     "3 epochs, lr 3e-3, then distill 2 epochs": ["--finetune", "3", "--finetune-lr", "3e-3", "--distill", "2"],
+    "3 epochs, lr 3e-3, then distill 3 epochs, 64 windows": ["--finetune", "3", "--finetune-lr", "3e-3",
+                                                             "--distill", "3", "--nsamples", "64"],
+    "3 epochs, lr 3e-3, then distill 3 epochs, 128 windows": ["--finetune", "3", "--finetune-lr", "3e-3",
+                                                              "--distill", "3", "--nsamples", "128"],
 }
 
 

@@ -5,6 +5,7 @@
  *   repeated  decode, vpermps on the table repeated to 16 entries (no AND), add       (the loop shipped since)
  *   bf16      two groups per vector of 32 bf16 indices: decode, vpermw on a bf16 table repeated to 32 entries,
  *             two vdpbf16ps into even/odd-row accumulators, 8 accumulators (an approximate alternative)
+ *   bcst      as repeated, the window's broadcast load folded into vpmultishiftqb ({1to8} memory operand)
  *   decode    load, decode, add (no look-up: the cost of the rest)
  *   load      load, add (the floor)
  * Build and run (AVX-512 with VBMI and BF16 needed):
@@ -22,8 +23,8 @@
 #define COLS 4096
 #define GROUPS 688 /* 11008 rows */
 #define W 3
-enum { MASK, REPEATED, BF16, DECODE, LOAD, VARIANTS };
-static const char *NAMES[] = {"mask", "repeated", "bf16", "decode", "load"};
+enum { MASK, REPEATED, BF16, DECODE, LOAD, BCST, VARIANTS };
+static const char *NAMES[] = {"mask", "repeated", "bf16", "decode", "load", "bcst"};
 
 static double now(void) {
     struct timespec t;
@@ -73,6 +74,11 @@ T512 static inline __attribute__((always_inline)) void pass(const uint16_t *p, c
             __m512 v;
             if (variant == MASK) v = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, win), low), table);
             else if (variant == REPEATED) v = _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(ctrl, win), table);
+            else if (variant == BCST) {
+                __m512i idx;
+                __asm__("vpmultishiftqb %2%{1to8%}, %1, %0" : "=v"(idx) : "v"(ctrl), "m"(*(const uint64_t *)(p + j * words)));
+                v = _mm512_permutexvar_ps(idx, table);
+            }
             else if (variant == DECODE) v = _mm512_castsi512_ps(_mm512_multishift_epi64_epi8(ctrl, win));
             else v = _mm512_castsi512_ps(win);
             acc[j] = _mm512_add_ps(acc[j], v);
@@ -92,8 +98,9 @@ RUN(REPEATED)
 RUN(BF16)
 RUN(DECODE)
 RUN(LOAD)
+RUN(BCST)
 typedef void (*run_t)(const uint16_t *, const float *, const uint16_t *, float *, int);
-static const run_t RUNS[] = {run_MASK, run_REPEATED, run_BF16, run_DECODE, run_LOAD};
+static const run_t RUNS[] = {run_MASK, run_REPEATED, run_BF16, run_DECODE, run_LOAD, run_BCST};
 
 int main(void) {
     const size_t n = (size_t)GROUPS * W * COLS + 8;

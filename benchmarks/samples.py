@@ -1,0 +1,85 @@
+"""Text samples: the same chat prompts answered by the float model and by saved quantized models, greedy and with
+CTRL's repetition penalty, through `cmpq.generate` (the loop `cmpq generate` runs), so fluency can be read side by
+side, with each model's decode tokens/s.
+
+Usage: python benchmarks/samples.py MODEL [MODEL ...] (smollm2-135m or directories saved by `cmpq quantize
+--out`). Writes benchmarks/results/samples.jsonl (a model's rows replace its earlier ones), samples.md and the
+README's block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from store import RESULTS, update_readme  # noqa: E402
+
+from cmpq.eval.records import read_records  # noqa: E402
+from cmpq.generate import generate  # noqa: E402
+from cmpq.models.load import load_model  # noqa: E402
+
+PROMPTS = ("Write two sentences about the ocean.", "What is the capital of France?",
+           "Give me three tips for staying healthy.")
+PENALTIES = (1.0, 1.2)
+
+
+def describe(path: str) -> str:
+    """The model's name with its honest bpw and how its values were trained, from a saved config."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return f"{path} (float)"
+    quant = json.loads(config.read_text())["quantization_config"]
+    extras = [f"finetune {quant['finetune']['epochs']} ep" if quant.get("finetune") else "",
+              f"distill {quant['distill']['epochs']} ep" if quant.get("distill") else "",
+              f"head {quant['head']['bpw']:.2f} bpw" if quant.get("head") else ""]
+    return f"{Path(path).name} ({quant['bpw']:.3f} bpw{''.join(', ' + e for e in extras if e)})"
+
+
+def sample(path: str, max_new_tokens: int) -> list[dict]:
+    loaded = load_model(path)
+    rows = []
+    for prompt in PROMPTS:
+        for penalty in PENALTIES:
+            g = generate(loaded, prompt, max_new_tokens=max_new_tokens, chat=True, repetition_penalty=penalty)
+            rows.append({"model": path, "description": describe(path), "prompt": prompt, "repetition_penalty": penalty,
+                         "text": g.text, "new_tokens": g.new_tokens,
+                         "tokens_per_s": (g.new_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 else None})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["Chat prompts, greedy decoding (`cmpq generate --chat`), without and with `--repetition-penalty 1.2`.", ""]
+    for prompt in PROMPTS:
+        lines += [f"**{prompt}**", "", "| model | penalty | text |", "|---|---|---|"]
+        for r in rows:
+            if r["prompt"] == prompt:
+                text = r["text"].replace("\n", " ").replace("|", "\\|").strip()
+                lines.append(f"| {r['description']} | {r['repetition_penalty']:g} | {text} |")
+        lines.append("")
+    lines.append("Command: `python benchmarks/samples.py MODEL ...`.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="smollm2-135m or directories saved by cmpq quantize --out")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    jsonl = RESULTS / "samples.jsonl"
+    stored = read_records(jsonl) if jsonl.exists() else []
+    new = [row for model in args.models for row in sample(model, args.max_new_tokens)]
+    stored = [r for r in stored if r["model"] not in set(args.models)] + new
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in stored), encoding="utf-8")
+    tmp.replace(jsonl)
+    markdown = render(stored)
+    (RESULTS / "samples.md").write_text(markdown, encoding="utf-8")
+    update_readme("samples", markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
