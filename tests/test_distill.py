@@ -86,6 +86,19 @@ def test_no_epoch_kept_leaves_the_model_as_quantized():
     assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
 
 
+def test_distillation_runs_under_no_grad_and_in_the_models_precision():
+    windows = torch.randint(0, TINY_VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama", seed=0).to(torch.bfloat16)
+    teacher = teacher_topk(model, windows, topk=8, progress=False)
+    with torch.no_grad():  # library callers often quantize inside no_grad
+        result = quantize_model(model, find_arch(model), get_quantizer("cmpq", preset="best", bits=2.5), windows,
+                                progress=False)
+        kept, record = distill_model(model, result.layers, windows, teacher, DistillConfig(epochs=2, lr=1e-2),
+                                     progress=False)
+    assert len(record["train_kl"]) == 2 and record["epoch_kept"] > 0
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     from cmpq.cli import main
     from cmpq.eval.records import read_records

@@ -125,6 +125,7 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
         indices[name] = index
         rms = float(qw.dequantize().square().mean().sqrt().clamp(min=1e-8))
         lrs.append({"params": [params[name]], "lr": config.lr * rms})
+    dtypes = {name: model.get_submodule(name).weight.dtype for name in layers}  # forwards in the model's precision
     start_vectors = {name: p.detach().clone() for name, p in vectors.items()}
     for name, p in vectors.items():
         lrs.append({"params": [p], "lr": config.lr * float(p.detach().float().square().mean().sqrt().clamp(min=1e-8))})
@@ -133,7 +134,7 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
         return {name: qw.with_values(params[name].detach()) for name, qw in layers.items()}
 
     def held_out_kl(current: dict[str, QuantizedWeight]) -> float:
-        weights = {f"{n}.weight": qw.dequantize() for n, qw in current.items()}
+        weights = {f"{n}.weight": qw.dequantize().to(dtypes[n]) for n, qw in current.items()}
         with torch.no_grad():
             return sum(float(sparse_kl(_logits(model, windows[i], dtype, weights), teacher.indices[i],
                                        teacher.logprobs[i])) for i in held) / len(held)
@@ -155,7 +156,7 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
             with torch.enable_grad():
                 for i in torch.randperm(len(train), generator=generator).tolist():
                     optimizer.zero_grad(set_to_none=True)
-                    weights = {f"{n}.weight": params[n][indices[n]] for n in params}
+                    weights = {f"{n}.weight": params[n][indices[n]].to(dtypes[n]) for n in params}
                     loss = sparse_kl(_logits(model, windows[train[i]], dtype, weights), teacher.indices[train[i]],
                                      teacher.logprobs[train[i]])
                     losses.append(float(loss.detach()))
