@@ -31,6 +31,7 @@ def test_split_holds_out_the_last_windows():
     assert split(32, 0.125) == (list(range(28)), [28, 29, 30, 31])
     assert split(3, 0.01) == ([0, 1], [2])  # at least one
     assert split(1, 0.125) == ([0], [0])  # a single window trains and is measured
+    assert split(2, 0.9) == ([0], [1])  # one window always trains
 
 
 def test_config_is_checked():
@@ -74,6 +75,58 @@ def test_distillation_lowers_the_held_out_kl_and_changes_only_values_and_norms()
         record["held_out_kl"][best], rel=1e-4)
 
 
+def test_the_best_epoch_is_kept_when_a_later_one_diverges(monkeypatch):
+    """Epoch 1 trains normally; in epoch 2 the optimizer writes NaN: training stops, epoch 1's values stay, the
+    model's held-out KL is the one recorded for epoch 1, and flags set before (a frozen norm) are kept."""
+    windows = torch.randint(0, TINY_VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    model, result, teacher = _quantized_tiny(windows)
+    frozen = "model.norm.weight"
+    model.get_parameter(frozen).requires_grad_(False)
+    steps, real_step = [0], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        steps[0] += 1
+        out = real_step(self, *args, **kwargs)
+        if steps[0] > 7:  # epoch 2 (7 training windows per epoch)
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    kept, record = distill_model(model, result.layers, windows, teacher, DistillConfig(epochs=3, lr=1e-2),
+                                 progress=False)
+    assert record["diverged_at_epoch"] == 2 and record["epoch_kept"] == 1 and len(record["held_out_kl"]) == 2
+    assert record["held_out_kl"][1] < record["held_out_kl"][0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        logits = model(windows[7:8]).logits[0]
+    assert float(sparse_kl(logits, teacher.indices[7], teacher.logprobs[7])) == pytest.approx(
+        record["held_out_kl"][1], rel=1e-4)
+    assert not model.get_parameter(frozen).requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != frozen)
+
+
+def test_an_interrupted_distillation_leaves_the_model_as_it_was(monkeypatch):
+    windows = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    model, result, teacher = _quantized_tiny(windows)
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    steps, real_step = [0], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        steps[0] += 1
+        if steps[0] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        distill_model(model, result.layers, windows, teacher, DistillConfig(epochs=2, lr=1e-2), progress=False)
+    assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_no_epoch_kept_leaves_the_model_as_quantized():
     windows = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
     model, result, teacher = _quantized_tiny(windows)
@@ -102,6 +155,7 @@ def test_distillation_runs_under_no_grad_and_in_the_models_precision():
 def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     from cmpq.cli import main
     from cmpq.eval.records import read_records
+    from cmpq.models.load import load_model
     from cmpq.packed.model_io import load
 
     out, directory = tmp_path / "r.jsonl", tmp_path / "model"
@@ -114,12 +168,21 @@ def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     assert distill["epochs"] == 2 and distill["topk"] == 8 and len(distill["held_out_kl"]) == 3
     saved = json.loads((directory / "config.json").read_text())["quantization_config"]["distill"]
     assert saved["epoch_kept"] == distill["epoch_kept"]
-    assert saved["held_out_kl"] == distill["held_out_kl"][distill["epoch_kept"]]
+    assert saved["held_out_kl_kept"] == distill["held_out_kl"][distill["epoch_kept"]]
     reloaded = load(directory)
+    # the saved values are the distilled ones: the reloaded model scores the recorded held-out KL
+    from cmpq.data.sampling import calibration_windows
+    from cmpq.config import CalibConfig
+    from cmpq.distill import teacher_topk as topk
+
+    windows, _ = calibration_windows(reloaded.tokenizer, CalibConfig(nsamples=8, seqlen=32))
+    teacher = topk(load_model(str(tiny_dir)).model, windows[7:8], 8, progress=False)
+    with torch.no_grad():
+        logits = reloaded.model(windows[7:8]).logits[0].float()
+    assert float(sparse_kl(logits, teacher.indices[0], teacher.logprobs[0])) == pytest.approx(
+        saved["held_out_kl_kept"], rel=1e-3)
     norms = {n: p for n, p in reloaded.model.named_parameters() if p.ndim == 1}
     assert norms and distill["epoch_kept"] > 0
-    from cmpq.models.load import load_model
-
     original = load_model(str(tiny_dir)).model  # the distilled norms were saved, not the original ones
     assert any(not torch.equal(p, original.get_parameter(n)) for n, p in norms.items())
     assert record["bpw"] == pytest.approx(json.loads((directory / "config.json").read_text())

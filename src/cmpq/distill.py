@@ -61,7 +61,7 @@ def enabled(config: DistillConfig | None) -> bool:
 class Teacher:
     """The float model's top-k next-token log-probabilities on each calibration window: (n, seqlen, k)."""
 
-    indices: torch.Tensor  # int64
+    indices: torch.Tensor  # int32 (vocabulary ids; half the memory of int64)
     logprobs: torch.Tensor  # float32
 
 
@@ -84,27 +84,38 @@ def teacher_topk(model: nn.Module, windows: torch.Tensor, topk: int, dtype: torc
         for i in tqdm(range(windows.shape[0]), desc="distill: teacher", unit="window", disable=not progress):
             lp = torch.log_softmax(_logits(model, windows[i], dtype), dim=-1)
             top = lp.topk(min(topk, lp.shape[-1]), dim=-1)
-            indices.append(top.indices)
+            indices.append(top.indices.int())
             logprobs.append(top.values)
     return Teacher(torch.stack(indices), torch.stack(logprobs))
 
 
 def sparse_kl(logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus one outcome for all
-    other tokens (exact when the top k hold all the teacher's mass). logits: (L, V); indices, logprobs: (L, k)."""
-    student = torch.log_softmax(logits, dim=-1).gather(1, indices)
+    other tokens (exact when the top k hold all the teacher's mass). logits: (L, V); indices, logprobs: (L, k).
+    The student's mass outside the top k comes from a logsumexp over those logits, not from 1 - sum(top k),
+    which loses every digit when the top k hold nearly all of it."""
+    indices = indices.long()
+    total = torch.logsumexp(logits, dim=-1)
+    student = logits.gather(1, indices) - total[:, None]
+    log_q_rest = torch.logsumexp(logits.scatter(1, indices, float("-inf")), dim=-1) - total
     p = teacher_logprobs.exp()
-    p_rest = (1 - p.sum(dim=-1)).clamp(min=1e-12)
-    q_rest = (1 - student.exp().sum(dim=-1)).clamp(min=1e-12)
-    kl = (p * (teacher_logprobs - student)).sum(dim=-1) + p_rest * (p_rest.log() - q_rest.log())
+    p_rest = 1 - p.sum(dim=-1)
+    # below 1e-6 the teacher's rest is the rounding of its top-k sum (k = vocabulary: none at all)
+    rest = torch.where(p_rest > 1e-6, p_rest.clamp(min=1e-6) * (p_rest.clamp(min=1e-6).log() - log_q_rest.clamp(min=-1e4)),
+                       torch.zeros_like(p_rest))
+    kl = (p * (teacher_logprobs - student)).sum(dim=-1) + rest
     return kl.mean()
 
 
 def split(n: int, holdout: float) -> tuple[list[int], list[int]]:
-    """Training and held-out window indices: the last max(1, round(holdout * n)) windows are held out (all
-    windows train when there is only one)."""
-    held = max(1, round(holdout * n)) if n > 1 else 0
+    """Training and held-out window indices: the last max(1, round(holdout * n)) windows are held out, at most
+    n - 1 so that one trains (a single window both trains and is measured)."""
+    held = min(n - 1, max(1, round(holdout * n)))
     return list(range(n - held)), list(range(n - held, n)) or list(range(n))
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().square().mean().sqrt().clamp(min=1e-8))
 
 
 def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows: torch.Tensor, teacher: Teacher,
@@ -112,53 +123,56 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
                   progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
     """Train the stored values of the lookup-quantized `layers` (full module name -> weight, as in the model)
     and the model's 1-D parameters so that the model's next-token distribution on `windows` matches `teacher`.
-    The model ends holding the kept values (its linears dequantized); returns the layers to keep (rounded as
-    stored) and a record: held-out KL before and after each epoch, and the epoch kept (0 = none). A loss
-    that becomes NaN or infinite ends training there (`diverged_at_epoch`), keeping the best epoch before."""
+    Everything trains as float32 copies passed to the forwards (`functional_call`); the model itself changes
+    only at the end, to the kept values (its linears dequantized), so an interruption leaves it as it was.
+    Returns the layers to keep (rounded as stored) and a record: held-out KL before and after each epoch, and
+    the epoch kept (0 = none). A loss that becomes NaN or infinite ends training there (`diverged_at_epoch`),
+    keeping the best epoch before."""
     layers = {name: qw for name, qw in layers.items() if tunable(qw)}
     train, held = split(windows.shape[0], config.holdout)
-    vectors = {name: p for name, p in model.named_parameters() if p.ndim == 1}
-    params, indices, lrs = {}, {}, []
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}  # forwards in the model's precision
+    vectors = {name: nn.Parameter(p.detach().float().clone()) for name, p in model.named_parameters() if p.ndim == 1}
+    values, indices, groups = {}, {}, []
     for name, qw in layers.items():
         theta, index = qw.lookup_values()
-        params[name] = nn.Parameter(theta.clone())
+        values[name] = nn.Parameter(theta.clone())
         indices[name] = index
-        rms = float(qw.dequantize().square().mean().sqrt().clamp(min=1e-8))
-        lrs.append({"params": [params[name]], "lr": config.lr * rms})
-    dtypes = {name: model.get_submodule(name).weight.dtype for name in layers}  # forwards in the model's precision
-    start_vectors = {name: p.detach().clone() for name, p in vectors.items()}
-    for name, p in vectors.items():
-        lrs.append({"params": [p], "lr": config.lr * float(p.detach().float().square().mean().sqrt().clamp(min=1e-8))})
+        groups.append({"params": [values[name]], "lr": config.lr * _rms(qw.dequantize())})
+    groups += [{"params": [p], "lr": config.lr * _rms(p)} for p in vectors.values()]
 
     def rounded() -> dict[str, QuantizedWeight]:
-        return {name: qw.with_values(params[name].detach()) for name, qw in layers.items()}
+        return {name: qw.with_values(values[name].detach()) for name, qw in layers.items()}
 
-    def held_out_kl(current: dict[str, QuantizedWeight]) -> float:
-        weights = {f"{n}.weight": qw.dequantize().to(dtypes[n]) for n, qw in current.items()}
+    def vector_weights() -> dict[str, torch.Tensor]:
+        return {name: p.to(dtypes[name]) for name, p in vectors.items()}
+
+    def snapshot() -> dict[str, torch.Tensor]:  # .to() of a float32 copy is the copy itself: clone
+        return {name: t.detach().clone() for name, t in vector_weights().items()}
+
+    def held_out_kl(current: dict[str, QuantizedWeight], kept_vectors: dict[str, torch.Tensor]) -> float:
+        weights = {f"{n}.weight": qw.dequantize().to(dtypes[f"{n}.weight"]) for n, qw in current.items()}
         with torch.no_grad():
-            return sum(float(sparse_kl(_logits(model, windows[i], dtype, weights), teacher.indices[i],
-                                       teacher.logprobs[i])) for i in held) / len(held)
+            return sum(float(sparse_kl(_logits(model, windows[i], dtype, {**weights, **kept_vectors}),
+                                       teacher.indices[i], teacher.logprobs[i])) for i in held) / len(held)
 
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    record = {"train_windows": len(train), "held_out_windows": len(held), "held_out_kl": [held_out_kl(layers)],
-              "train_kl": []}
-    best, best_kl, best_epoch = (layers, start_vectors), record["held_out_kl"][0], 0
+    best = (layers, snapshot())
+    best_kl, best_epoch = held_out_kl(*best), 0
+    record = {"train_windows": len(train), "held_out_windows": len(held), "held_out_kl": [best_kl], "train_kl": []}
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(lrs)
+    optimizer = torch.optim.Adam(groups)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    bar = tqdm(total=config.epochs * len(train), desc="distill", unit="window", disable=not progress)
     try:
-        for p in model.parameters():
+        for p in model.parameters():  # gradients flow to the copies only
             p.requires_grad_(False)
-        for p in vectors.values():
-            p.requires_grad_(True)
-        bar = tqdm(total=config.epochs * len(train), desc="distill", unit="window", disable=not progress)
         for epoch in range(1, config.epochs + 1):
             losses = []
             with torch.enable_grad():
                 for i in torch.randperm(len(train), generator=generator).tolist():
                     optimizer.zero_grad(set_to_none=True)
-                    weights = {f"{n}.weight": params[n][indices[n]].to(dtypes[n]) for n in params}
-                    loss = sparse_kl(_logits(model, windows[train[i]], dtype, weights), teacher.indices[train[i]],
-                                     teacher.logprobs[train[i]])
+                    weights = {f"{n}.weight": values[n][indices[n]].to(dtypes[f"{n}.weight"]) for n in values}
+                    loss = sparse_kl(_logits(model, windows[train[i]], dtype, {**weights, **vector_weights()}),
+                                     teacher.indices[train[i]], teacher.logprobs[train[i]])
                     losses.append(float(loss.detach()))
                     if not math.isfinite(losses[-1]):
                         break
@@ -166,28 +180,26 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
                     optimizer.step()
                     bar.update()
                     bar.set_postfix_str(f"kl {losses[-1]:.4f}")
-            current = rounded()
-            kl = held_out_kl(current) if math.isfinite(losses[-1]) else math.nan
+            current = (rounded(), snapshot())
+            kl = held_out_kl(*current) if math.isfinite(losses[-1]) else math.nan
             if not math.isfinite(kl):  # diverged (the step size is too large): keep the best so far
                 record["diverged_at_epoch"] = epoch
                 break
             record["train_kl"].append(sum(losses) / len(losses))
             record["held_out_kl"].append(kl)
             if kl < best_kl:
-                best = (current, {name: p.detach().clone() for name, p in vectors.items()})
-                best_kl, best_epoch = kl, epoch
-        bar.close()
+                best, best_kl, best_epoch = current, kl, epoch
     finally:
+        bar.close()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
-            p.grad = None
     kept, kept_vectors = best
     with torch.no_grad():
-        for name, p in vectors.items():
-            p.copy_(kept_vectors[name])
-        modules = dict(model.named_modules())
+        for name, p in model.named_parameters():
+            if name in kept_vectors:
+                p.copy_(kept_vectors[name])
         for name, qw in kept.items():
-            modules[name].weight.copy_(qw.dequantize().to(modules[name].weight.dtype))
+            weight = model.get_submodule(name).weight
+            weight.copy_(qw.dequantize().to(weight.dtype))
     record["epoch_kept"] = best_epoch
     return kept, record
-

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
+from cmpq import distill as distillation
 from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
-from cmpq.errors import ConfigError
-from cmpq import distill as distillation
 from cmpq.data.sampling import calibration_windows
 from cmpq.distill import DistillConfig
+from cmpq.errors import ConfigError
 from cmpq.eval.harness import TaskConfig
 from cmpq.eval.kld import KLDConfig, Reference
 from cmpq.eval.perplexity import perplexity
@@ -53,26 +53,28 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     calib_info: dict[str, Any] = {"used": False}
     windows = None
     tune = enabled(finetune)
-    distil = distillation.enabled(distill)
-    if quantizer.calibration_needs() or (head is not None and head.needs()) or tune or distil:
+    distilling = distillation.enabled(distill)
+    if quantizer.calibration_needs() or (head is not None and head.needs()) or tune or distilling:
         check_context(loaded, calib.seqlen, "calib.seqlen")
         windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,
                       "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
     dtype = resolve_dtype(calib.dtype)
-    teacher = distillation.teacher_topk(loaded.model, windows, distill.topk, dtype, progress) if distil else None
+    start = time.perf_counter()
+    teacher = distillation.teacher_topk(loaded.model, windows, distill.topk, dtype, progress) if distilling else None
+    teacher_seconds = time.perf_counter() - start
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
                             progress=progress, dtype=dtype, head=head, finetune=finetune)
     if tune:
         calib_info["finetune"] = {**config_to_dict(finetune), "blocks": result.finetune}
-    if distil:
+    if distilling:
         start = time.perf_counter()
         blocks = {name: qw for name, qw in result.layers.items() if name != result.head}
         kept, record = distillation.distill_model(loaded.model, blocks, windows, teacher, distill, dtype,
                                                   seed=calib.seed, progress=progress)
         result.layers.update(kept)
         result.distill = {**config_to_dict(distill), **record}
-        result.seconds += time.perf_counter() - start
+        result.seconds += teacher_seconds + time.perf_counter() - start
         calib_info["distill"] = result.distill
     return result, calib_info
 

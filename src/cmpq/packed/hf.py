@@ -50,7 +50,7 @@ class CmpqHfConfig(QuantizationConfigMixin):
         self.head = head  # {"name", "method", "config", "bpw"} when the output head is quantized too
         self.base_model = base_model  # the float model it was quantized from (the KLD reference of `cmpq eval`)
         self.finetune = finetune  # {"epochs", "lr", "target", "blocks_kept"} when the stored values were fine-tuned
-        self.distill = distill  # {"epochs", "lr", "topk", "holdout", "epoch_kept", "held_out_kl"} when distilled
+        self.distill = distill  # {"epochs", "lr", "topk", "holdout", "epoch_kept", "held_out_kl_kept"} when distilled
 
 
 def checkpoint_layout(files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

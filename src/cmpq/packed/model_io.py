@@ -123,9 +123,9 @@ def _distill_entry(result: QuantizationResult) -> dict | None:
     """How the stored values were distilled end to end (`cmpq.distill`), or None."""
     if result.distill is None:
         return None
-    keys = ("epochs", "lr", "topk", "holdout", "epoch_kept")
-    return {**{key: result.distill[key] for key in keys},
-            "held_out_kl": result.distill["held_out_kl"][result.distill["epoch_kept"]]}
+    keys = ("epochs", "lr", "topk", "holdout", "epoch_kept", "diverged_at_epoch")
+    return {**{key: result.distill[key] for key in keys if key in result.distill},
+            "held_out_kl_kept": result.distill["held_out_kl"][result.distill["epoch_kept"]]}
 
 
 def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Quantizer, directory: Path,
