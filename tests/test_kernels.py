@@ -146,6 +146,26 @@ def test_kernel_benchmark_writes_ratios_and_bandwidth(tmp_path):
         assert r["ours_ms"] > 0 and r["speedup_vs_fp32"] > 0 and r["copy_gbps"] > 0 and r["weight_gbps"] > 0
     assert (tmp_path / "kernels.jsonl").read_text().count("\n") == 4
     assert "% copy" in (tmp_path / "kernels.md").read_text()
+    assert all(0 < r["copy_fraction"] for r in records)
+
+
+def test_copy_fraction_pairs_each_timed_run_with_the_copy_after_it(monkeypatch):
+    """Rounds (kernel seconds, copy GB/s): (1e-3, 10), (2e-3, 40), (4e-3, 5) for 1e7 weight bytes give
+    fractions 10/10, 5/40, 2.5/5: median 0.5, where the medians' ratio would be 5/10 = 0.5 only by chance."""
+    from cmpq.bench import kernels
+
+    times, copies = iter([1e-3, 2e-3, 4e-3]), iter([10.0, 40.0, 5.0])
+    monkeypatch.setattr(kernels, "_timed", lambda fn, loops: next(times))
+
+    class Reference:
+        def gbps(self):
+            return next(copies)
+
+    seconds, copy, fraction = kernels.paired_copy_fraction(lambda: None, 10**7, Reference(), repeats=3,
+                                                           min_seconds=0)
+    assert (seconds, copy, fraction) == (2e-3, 10.0, pytest.approx(0.5))
+    monkeypatch.undo()
+    assert kernels.CopyReference(megabytes=4).gbps() > 0
 
 
 def test_copies_and_pickles_of_a_used_layer_do_not_share_its_kernel_view():

@@ -3,8 +3,9 @@ in the same process, with a memory-copy bandwidth measured in the same run (PROT
 
 Layers are random CMPQ layers in the packed format at 2.5 / 3 / 4 code bits per weight (2.5: half the columns
 at 2 bits, half at 3), with 0.5% FP16 outliers as CMPQ's defaults store. Times are medians over repeats after
-a warm-up; the achieved weight bandwidth counts every byte the kernel reads for the weights (bit planes,
-codebooks, outliers).
+a warm-up; the achieved weight bandwidth counts the bytes of the packed weights (bit planes, codebooks,
+outliers as stored), and its fraction of the copy bandwidth pairs each timed run with a copy timed right after
+it (`paired_copy_fraction`).
 """
 
 from __future__ import annotations
@@ -27,29 +28,61 @@ BATCHES = (1, 4, 16, 128)
 OUTLIER_RATIO = 0.005
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, min_seconds: float = 0.05) -> float:
-    """Median wall time of `fn` over `repeats` timed runs (each run loops until `min_seconds` have passed
-    when the call is short), after one warm-up call."""
+def _loops(fn: Callable[[], object], min_seconds: float) -> int:
+    """Calls of `fn` that take at least `min_seconds` (after one warm-up call)."""
     fn()
     start, loops = time.perf_counter(), 0
     while time.perf_counter() - start < min_seconds or loops == 0:
         fn()
         loops += 1
-    samples = []
+    return loops
+
+
+def _timed(fn: Callable[[], object], loops: int) -> float:
+    start = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return (time.perf_counter() - start) / loops
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, min_seconds: float = 0.05) -> float:
+    """Median wall time of `fn` over `repeats` timed runs (each run loops until `min_seconds` have passed
+    when the call is short), after one warm-up call."""
+    loops = _loops(fn, min_seconds)
+    return statistics.median(_timed(fn, loops) for _ in range(repeats))
+
+
+class CopyReference:
+    """A large tensor copy (read + write counted), timed right after each timed run of a kernel: this VM's
+    copy bandwidth drifts by tens of percent within minutes, so a fraction of it is only meaningful against a
+    copy measured at the same moment."""
+
+    def __init__(self, megabytes: int = 256) -> None:
+        self.source = torch.empty(megabytes * 2**20 // 4)
+        self.target = torch.empty_like(self.source)
+        self.target.copy_(self.source)  # pages touched before the first timing
+
+    def gbps(self) -> float:
+        return 2 * self.source.numel() * 4 / _timed(lambda: self.target.copy_(self.source), 1) / 1e9
+
+
+def paired_copy_fraction(fn: Callable[[], object], weight_bytes: int, reference: CopyReference, repeats: int,
+                         min_seconds: float = 0.05) -> tuple[float, float, float]:
+    """(median seconds of `fn`, median copy GB/s, median over rounds of the fraction of copy bandwidth): each
+    round times `fn`, then one copy, and divides the weight bytes read per second by that copy's rate."""
+    loops = _loops(fn, min_seconds)
+    seconds, copies = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        samples.append((time.perf_counter() - start) / loops)
-    return statistics.median(samples)
+        seconds.append(_timed(fn, loops))
+        copies.append(reference.gbps())
+    fractions = [weight_bytes / t / 1e9 / c for t, c in zip(seconds, copies)]
+    return statistics.median(seconds), statistics.median(copies), statistics.median(fractions)
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     """Bytes per second of a large tensor copy (read + write counted), the machine's practical limit."""
-    source = torch.empty(megabytes * 2**20 // 4)
-    target = torch.empty_like(source)
-    seconds = median_seconds(lambda: target.copy_(source), repeats)
-    return 2 * source.numel() * 4 / seconds
+    reference = CopyReference(megabytes)
+    return statistics.median(reference.gbps() for _ in range(repeats)) * 1e9
 
 
 @dataclass
@@ -62,16 +95,20 @@ class KernelResult:
     fp32_s: float
     bf16_s: float
     weight_bytes: int
+    copy_gbps: float      # median of the copies timed right after each timed run of ours_s
+    copy_fraction: float  # median over those rounds of (weight bytes / our time) / copy bandwidth
 
     def as_dict(self) -> dict:
         return {"rows": self.shape[0], "cols": self.shape[1], "bits": self.bits, "batch": self.batch,
                 "ours_ms": self.ours_s * 1e3, "ours_bf16_ms": self.ours_bf16_s * 1e3, "fp32_ms": self.fp32_s * 1e3,
                 "bf16_ms": self.bf16_s * 1e3, "speedup_vs_fp32": self.fp32_s / self.ours_s,
                 "speedup_vs_bf16": self.bf16_s / self.ours_s, "bf16_speedup_vs_bf16": self.bf16_s / self.ours_bf16_s,
-                "weight_bytes": self.weight_bytes, "weight_gbps": self.weight_bytes / self.ours_s / 1e9}
+                "weight_bytes": self.weight_bytes, "weight_gbps": self.weight_bytes / self.ours_s / 1e9,
+                "copy_gbps": self.copy_gbps, "copy_fraction": self.copy_fraction}
 
 
-def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repeats: int) -> list[KernelResult]:
+def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repeats: int,
+            reference: CopyReference) -> list[KernelResult]:
     rows, cols = shape
     layer = random_cmpq_layer(rows, cols, mixed_widths(cols, bits), nnz=round(OUTLIER_RATIO * rows * cols),
                               scale=0.05)
@@ -85,9 +122,10 @@ def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repea
         for batch in batches:
             x = torch.randn(batch, cols)
             x_bf16 = x.bfloat16()
+            ours_s, copy_gbps, fraction = paired_copy_fraction(lambda: module(x), weight_bytes, reference, repeats)
             results.append(KernelResult(
-                shape=shape, bits=bits, batch=batch, weight_bytes=weight_bytes,
-                ours_s=median_seconds(lambda: module(x), repeats),
+                shape=shape, bits=bits, batch=batch, weight_bytes=weight_bytes, copy_gbps=copy_gbps,
+                copy_fraction=fraction, ours_s=ours_s,
                 ours_bf16_s=median_seconds(lambda: module(x_bf16), repeats),
                 fp32_s=median_seconds(lambda: F.linear(x, dense), repeats),
                 bf16_s=median_seconds(lambda: F.linear(x_bf16, dense_bf16), repeats)))
@@ -97,8 +135,9 @@ def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repea
 def render(records: list[dict], threads: int, isa: str) -> str:
     copies = [r["copy_gbps"] for r in records]
     lines = [f"Kernel vs torch F.linear on the same shapes, same process; median of repeats; {threads} threads; "
-             f"ISA {isa}; memory copy bandwidth measured in the same run just before each shape and width "
-             f"({min(copies):.1f}-{max(copies):.1f} GB/s), each row's % copy against its own.", "",
+             f"ISA {isa}. % copy: the median over rounds of our weight bytes per second over a 256 MB tensor copy "
+             f"timed right after it in the same round (copy medians {min(copies):.1f}-{max(copies):.1f} GB/s in "
+             f"this run).", "",
              "| shape (out x in) | bits | batch | ours ms | fp32 ms | bf16 ms | x fp32 | x bf16 | ours, bf16 in: ms | "
              "its x bf16 | weight GB/s | % copy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -106,7 +145,7 @@ def render(records: list[dict], threads: int, isa: str) -> str:
                      f"{r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | {r['speedup_vs_fp32']:.2f} | "
                      f"{r['speedup_vs_bf16']:.2f} | {r['ours_bf16_ms']:.3f} | {r['bf16_speedup_vs_bf16']:.2f} | "
                      f"{r['weight_gbps']:.1f} | "
-                     f"{100 * r['weight_gbps'] / r['copy_gbps']:.0f}% |")
+                     f"{100 * r['copy_fraction']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -126,14 +165,11 @@ def run(out_dir, shapes: list[tuple[int, int]], bits: tuple[float, ...], batches
     code = native.isa_code()
     isa = native.supported_isas()[-1] if code < 0 else next(n for n, c in native.ISAS.items() if c == code)
     env = environment()
-    records = []
+    records, reference = [], CopyReference()
     for shape in tqdm(shapes, desc="bench kernels", unit="shape", disable=not progress):
         for b in bits:
-            # the VM's copy bandwidth drifts by tens of percent within minutes: measure it next to each layer
-            copy_gbps = copy_bandwidth() / 1e9
-            for result in measure(shape, b, batches, repeats):
-                records.append({"benchmark": "kernels", **result.as_dict(), "copy_gbps": copy_gbps,
-                                "isa": isa, **env})
+            for result in measure(shape, b, batches, repeats, reference):
+                records.append({"benchmark": "kernels", **result.as_dict(), "isa": isa, **env})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jsonl, md = out / "kernels.jsonl", out / "kernels.md"
