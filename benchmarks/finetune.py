@@ -9,14 +9,13 @@ record of the same name and target; others are kept) and finetune.md.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, update_readme  # noqa: E402
+from store import RESULTS, publish  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
 
@@ -99,11 +98,7 @@ def main() -> None:
         new = [run(name, args.bits) for name in names]
         done = {(r["run"], r["target_bits"]) for r in new}
         stored = [r for r in stored if (r["run"], r["target_bits"]) not in done] + new
-        jsonl.write_text("".join(json.dumps(r) + "\n" for r in stored), encoding="utf-8")
-    markdown = render(stored)
-    (RESULTS / "finetune.md").write_text(markdown, encoding="utf-8")
-    update_readme("finetune", markdown)
-    print(markdown)
+    publish("finetune", None if args.render else stored, render(stored))
 
 
 if __name__ == "__main__":

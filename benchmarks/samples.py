@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, update_readme  # noqa: E402
+from store import RESULTS, publish  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
 from cmpq.generate import generate  # noqa: E402
@@ -71,14 +71,11 @@ def main() -> None:
     jsonl = RESULTS / "samples.jsonl"
     stored = read_records(jsonl) if jsonl.exists() else []
     new = [row for model in args.models for row in sample(model, args.max_new_tokens)]
-    stored = [r for r in stored if r["model"] not in set(args.models)] + new
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in stored), encoding="utf-8")
-    tmp.replace(jsonl)
-    markdown = render(stored)
-    (RESULTS / "samples.md").write_text(markdown, encoding="utf-8")
-    update_readme("samples", markdown)
-    print(markdown)
+    order = list(dict.fromkeys([r["model"] for r in stored] + args.models))  # a re-measured model keeps its place
+    rows = {model: [r for r in stored if r["model"] == model] for model in order}
+    rows.update({model: [r for r in new if r["model"] == model] for model in args.models})
+    stored = [r for model in order for r in rows[model]]
+    publish("samples", stored, render(stored))
 
 
 if __name__ == "__main__":

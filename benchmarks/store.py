@@ -31,6 +31,21 @@ def update_readme(block: str, markdown: str) -> None:
         README.write_text(head + start + markdown.rstrip("\n") + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
+def publish(name: str, records: list[dict[str, Any]] | None, markdown: str) -> None:
+    """Write results/`name`.jsonl (atomically: a temporary file, then rename; skipped when `records` is None),
+    results/`name`.md, and the README block `name`; print the table."""
+    import json
+
+    if records is not None:
+        jsonl = RESULTS / f"{name}.jsonl"
+        tmp = jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(jsonl)
+    (RESULTS / f"{name}.md").write_text(markdown, encoding="utf-8")
+    update_readme(name, markdown)
+    print(markdown)
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
