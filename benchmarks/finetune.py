@@ -32,6 +32,7 @@ RUNS: dict[str, list[str]] = {
                                                              "--distill", "3", "--nsamples", "64"],
     "3 epochs, lr 3e-3, then distill 3 epochs, 128 windows": ["--finetune", "3", "--finetune-lr", "3e-3",
                                                               "--distill", "3", "--nsamples", "128"],
+    "distill 3 epochs, 128 windows": ["--distill", "3", "--nsamples", "128"],
 }
 
 
