@@ -78,7 +78,7 @@ def render(records: list[dict]) -> str:
         lines.append(f"| {r['run']} | {c['nsamples']} x {c['seqlen']} | {r['target_bits']} | {r['bpw']:.4f} | {r['ppl']['wikitext2']['ppl']:.2f} | "
                      f"{r['quant_seconds']:.0f} | {kept if blocks else '-'} | {median} | {_distill(r)} | "
                      f"{_commit(r['git_commit'])} |")
-    lines += ["", "Command: `python benchmarks/finetune.py` (`--runs NAME,...` re-measures some; names as in "
+    lines += ["", "Command: `python benchmarks/finetune.py` (`--run NAME`, repeatable, re-measures some; names as in "
                   "RUNS). Quant seconds include fine-tuning; they are wall time on 2 cores, not a timing benchmark."]
     return "\n".join(lines) + "\n"
 
@@ -86,13 +86,14 @@ def render(records: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=2.5)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated names from {list(RUNS)}")
+    parser.add_argument("--run", action="append", metavar="NAME",
+                        help=f"a run to measure (repeatable; names hold commas); default: all of {list(RUNS)}")
     parser.add_argument("--render", action="store_true", help="only rebuild finetune.md from the stored records")
     args = parser.parse_args()
     jsonl = RESULTS / "finetune.jsonl"
     stored = read_records(jsonl) if jsonl.exists() else []
     if not args.render:
-        names = args.runs.split(",")
+        names = args.run or list(RUNS)
         unknown = [n for n in names if n not in RUNS]
         if unknown:
             parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
