@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from cmpq.calibration.precision import compute_context
 from cmpq.config import check
-from cmpq.finetune import tunable
+from cmpq.finetune import StoredValues, rms, tunable
 from cmpq.quantizers.base import QuantizedWeight
 
 
@@ -114,10 +114,6 @@ def split(n: int, holdout: float) -> tuple[list[int], list[int]]:
     return list(range(n - held)), list(range(n - held, n)) or list(range(n))
 
 
-def _rms(t: torch.Tensor) -> float:
-    return float(t.detach().float().square().mean().sqrt().clamp(min=1e-8))
-
-
 def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows: torch.Tensor, teacher: Teacher,
                   config: DistillConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
                   progress: bool = True) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -132,16 +128,8 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
     train, held = split(windows.shape[0], config.holdout)
     dtypes = {name: p.dtype for name, p in model.named_parameters()}  # forwards in the model's precision
     vectors = {name: nn.Parameter(p.detach().float().clone()) for name, p in model.named_parameters() if p.ndim == 1}
-    values, indices, groups = {}, {}, []
-    for name, qw in layers.items():
-        theta, index = qw.lookup_values()
-        values[name] = nn.Parameter(theta.clone())
-        indices[name] = index
-        groups.append({"params": [values[name]], "lr": config.lr * _rms(qw.dequantize())})
-    groups += [{"params": [p], "lr": config.lr * _rms(p)} for p in vectors.values()]
-
-    def rounded() -> dict[str, QuantizedWeight]:
-        return {name: qw.with_values(values[name].detach()) for name, qw in layers.items()}
+    values = StoredValues(layers)
+    groups = values.param_groups(config.lr) + [{"params": [p], "lr": config.lr * rms(p)} for p in vectors.values()]
 
     def vector_weights() -> dict[str, torch.Tensor]:
         return {name: p.to(dtypes[name]) for name, p in vectors.items()}
@@ -170,7 +158,7 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
             with torch.enable_grad():
                 for i in torch.randperm(len(train), generator=generator).tolist():
                     optimizer.zero_grad(set_to_none=True)
-                    weights = {f"{n}.weight": values[n][indices[n]].to(dtypes[f"{n}.weight"]) for n in values}
+                    weights = {n: w.to(dtypes[n]) for n, w in values.weights().items()}
                     loss = sparse_kl(_logits(model, windows[train[i]], dtype, {**weights, **vector_weights()}),
                                      teacher.indices[train[i]], teacher.logprobs[train[i]])
                     losses.append(float(loss.detach()))
@@ -180,7 +168,7 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
                     optimizer.step()
                     bar.update()
                     bar.set_postfix_str(f"kl {losses[-1]:.4f}")
-            current = (rounded(), snapshot())
+            current = (values.rounded(), snapshot())
             kl = held_out_kl(*current) if math.isfinite(losses[-1]) else math.nan
             if not math.isfinite(kl):  # diverged (the step size is too large): keep the best so far
                 record["diverged_at_epoch"] = epoch

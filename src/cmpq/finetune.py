@@ -59,6 +59,37 @@ def tunable(layer: QuantizedWeight) -> bool:
     return hasattr(layer, "lookup_values") and hasattr(layer, "with_values")
 
 
+def rms(t: torch.Tensor) -> float:
+    """Root mean square (at least 1e-8): the unit of the step sizes, so small and large tensors move alike."""
+    return float(t.detach().float().square().mean().sqrt().clamp(min=1e-8))
+
+
+class StoredValues:
+    """The stored values of lookup-quantized layers as trainable tensors: each weight is theta[index] with the
+    index fixed by the codes (`CMPQWeight.lookup_values`). Shared by block fine-tuning and `cmpq.distill`."""
+
+    def __init__(self, layers: dict[str, QuantizedWeight]) -> None:
+        self.layers = layers
+        self.params: dict[str, nn.Parameter] = {}
+        self.indices: dict[str, torch.Tensor] = {}
+        for name, qw in layers.items():
+            theta, index = qw.lookup_values()
+            self.params[name] = nn.Parameter(theta.clone())
+            self.indices[name] = index
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam groups: step size `lr` in units of each layer's weight RMS."""
+        return [{"params": [self.params[n]], "lr": lr * rms(qw.dequantize())} for n, qw in self.layers.items()]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{name.weight: theta[index]} (float32, differentiable in theta)."""
+        return {f"{n}.weight": p[self.indices[n]] for n, p in self.params.items()}
+
+    def rounded(self) -> dict[str, QuantizedWeight]:
+        """The layers holding the current values, rounded as they are stored."""
+        return {name: qw.with_values(self.params[name].detach()) for name, qw in self.layers.items()}
+
+
 def _output(block: nn.Module, weights: dict[str, torch.Tensor], inputs: BlockInputs,
             window: torch.Tensor) -> torch.Tensor:
     """The block's output for one window, `weights` (name.weight -> tensor) replacing its own, each cast to the
@@ -94,31 +125,25 @@ def finetune_block(block: nn.Module, layers: dict[str, QuantizedWeight], inputs:
     before = block_error(block, frozen, inputs, hidden, target)
     if config.epochs == 0 or not layers:
         return layers, before, before, False
-    params, indices, scales = {}, {}, {}
-    for name, qw in layers.items():
-        theta, index = qw.lookup_values()
-        params[name] = nn.Parameter(theta.clone())
-        indices[name] = index
-        scales[name] = float(frozen[f"{name}.weight"].square().mean().sqrt().clamp(min=1e-8))
+    values = StoredValues(layers)
     trainable = [p for p in block.parameters() if p.requires_grad]
     for parameter in trainable:  # only the stored values train; the block's own weights stay as they are
         parameter.requires_grad_(False)
     try:
         with torch.enable_grad():  # also when the caller quantizes under torch.no_grad()
-            _train(block, params, indices, scales, inputs, hidden, target, config, seed)
+            _train(block, values, inputs, hidden, target, config, seed)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
-    tuned = {name: qw.with_values(params[name].detach()) for name, qw in layers.items()}
+    tuned = values.rounded()
     after = block_error(block, {f"{n}.weight": qw.dequantize() for n, qw in tuned.items()}, inputs, hidden, target)
     return (tuned, before, after, True) if after < before else (layers, before, after, False)
 
 
-def _train(block: nn.Module, params: dict[str, nn.Parameter], indices: dict[str, torch.Tensor],
-           scales: dict[str, float], inputs: BlockInputs, hidden: torch.Tensor, target: torch.Tensor,
+def _train(block: nn.Module, values: StoredValues, inputs: BlockInputs, hidden: torch.Tensor, target: torch.Tensor,
            config: FinetuneConfig, seed: int) -> None:
-    """Adam on sum_i ||block(hidden_i) - target_i||^2 / ||target_i||^2 over the values `params`."""
-    optimizer = torch.optim.Adam([{"params": [params[n]], "lr": config.lr * scales[n]} for n in params])
+    """Adam on sum_i ||block(hidden_i) - target_i||^2 / ||target_i||^2 over the stored values."""
+    optimizer = torch.optim.Adam(values.param_groups(config.lr))
     generator = torch.Generator().manual_seed(seed)
     norms = target.square().sum(dim=(1, 2)).clamp(min=1e-30)
     for _ in range(config.epochs):
@@ -126,7 +151,6 @@ def _train(block: nn.Module, params: dict[str, nn.Parameter], indices: dict[str,
         for start in range(0, len(order), config.windows_per_step):
             optimizer.zero_grad(set_to_none=True)
             for i in order[start:start + config.windows_per_step]:
-                weights = {f"{n}.weight": params[n][indices[n]] for n in params}
-                loss = (_output(block, weights, inputs, hidden[i]) - target[i]).square().sum() / norms[i]
+                loss = (_output(block, values.weights(), inputs, hidden[i]) - target[i]).square().sum() / norms[i]
                 loss.backward()
             optimizer.step()
