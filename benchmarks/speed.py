@@ -1,7 +1,9 @@
 """Issue 5's speed numbers in one command: packed smollm2-135m models at 2.5 / 3 / 4 honest bpw (and 3 bpw with a
 quantized head) are saved under runs/speed/ (once; reused when present in the current format version), then `cmpq bench kernels` and
 `cmpq bench decode` write benchmarks/results/{kernels,decode}.{jsonl,md}, and the file sizes of the saved
-models with their bpw go to benchmarks/results/files.md.
+models with their bpw go to benchmarks/results/files.md. On a CPU without AVX-512 the kernel and decode results
+go to benchmarks/results/<isa>/ and the README blocks `kernels-<isa>` and `decode-<isa>` instead, so the
+numbers of both kinds of machine stay side by side.
 
 Run it on an otherwise idle machine: every number is a ratio of two timings taken side by side in one process.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from store import RESULTS, update_readme  # noqa: E402
 
+from cmpq.kernels import native  # noqa: E402
 from cmpq.packed.hf import FORMAT_VERSION  # noqa: E402
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -62,6 +65,14 @@ def file_table(paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_results() -> tuple[Path, str]:
+    """Where this CPU's kernel and decode results go, and the suffix of their README blocks: the best ISA the
+    kernels use here (AVX-512 machines keep the unsuffixed files and blocks)."""
+    isas = native.supported_isas()
+    isa = isas[-1] if isas else "reference"
+    return (RESULTS, "") if isa == "avx512" else (RESULTS / isa, f"-{isa}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="only copy the stored tables into the README")
@@ -75,17 +86,19 @@ def main() -> None:
     paths = ensure_models([m for m in args.models.split(",") if m])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "files.md").write_text(file_table(paths), encoding="utf-8")
+    results, _ = speed_results()
     if not args.skip_kernels:
-        cmpq("bench", "kernels", "--out", str(RESULTS))
-    cmpq("bench", "decode", "--models", ",".join(["smollm2-135m", *map(str, paths)]), "--out", str(RESULTS),
+        cmpq("bench", "kernels", "--out", str(results))
+    cmpq("bench", "decode", "--models", ",".join(["smollm2-135m", *map(str, paths)]), "--out", str(results),
          "--new-tokens", args.new_tokens, "--repeats", args.repeats)
     render_readme()
 
 
 def render_readme() -> None:
     """Copy the result tables into the README's marked blocks."""
-    for block, name in (("kernels", "kernels.md"), ("decode", "decode.md"), ("files", "files.md")):
-        path = RESULTS / name
+    results, suffix = speed_results()
+    for block, path in (("kernels" + suffix, results / "kernels.md"), ("decode" + suffix, results / "decode.md"),
+                        ("files", RESULTS / "files.md")):
         if path.is_file():
             update_readme(block, path.read_text(encoding="utf-8"))
 

@@ -14,6 +14,9 @@
  * 64-bit window of codes into 16 table indices (rows 0..7 start at bit 0, rows 8..15 at byte w), and vpermps
  * looks the 16 values up in one register (widths above 4 bits use vpermi2ps on 32 entries and blend on the
  * higher bits).
+ * AVX2 (8 rows per vector; vpermps holds 8 entries): one broadcast 32-bit load and one vpsrlvd decode 8 codes of
+ * up to 4 bits (a vpshufb first above 4 bits); the look-up is one vpermps up to 3 bits (tables repeated to 16
+ * entries for one token, so 1- and 2-bit columns need no mask either), two and a blend at 4 bits, a gather above.
  * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row; batches of 2..8
  * share each decoded window across their tokens. dequant_tile (prefill): tiles of rows of the weight, transposed
  * and in stored column order, float32 or bfloat16, for a dense matmul.
@@ -418,61 +421,182 @@ T512 static void dequant_avx512(const layer_t *L, void *out, int64_t ld, int64_t
     }
 }
 
-/* ---- AVX2: 8 rows at a time (rows 8h..8h+7 start at byte h*w); vpermps holds 8 entries ---- */
-__attribute__((target("avx2,fma"))) static inline __m256i decode256(const uint16_t *p, int w, int half) {
-    const uint64_t window = load64((const uint8_t *)p + half * w);
-    const __m256i lo = _mm256_set1_epi32((int)(uint32_t)window), hi = _mm256_set1_epi32((int)(window >> 32));
-    const __m256i shift = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(w));
-    const __m256i thirty_two = _mm256_set1_epi32(32);
-    /* shift counts of 32 or more (and negative ones, as unsigned) give 0 */
-    __m256i idx = _mm256_or_si256(_mm256_srlv_epi32(lo, shift), _mm256_sllv_epi32(hi, _mm256_sub_epi32(thirty_two, shift)));
-    idx = _mm256_or_si256(idx, _mm256_srlv_epi32(hi, _mm256_sub_epi32(shift, thirty_two)));
-    return _mm256_and_si256(idx, _mm256_set1_epi32((1 << w) - 1));
+/* ---- AVX2: 8 rows at a time (rows 8h..8h+7 of a group start at byte h*w); vpermps holds 8 entries ---- */
+#define T256 __attribute__((target("avx2,fma")))
+
+/* shift of each of the 8 rows' codes: r*w within one 32-bit window (w <= 4), else (r*w) mod 8 after the byte
+ * shuffle of `bytes256` */
+T256 static inline __m256i shifts256_c(int w) {
+    int32_t s[8];
+    for (int r = 0; r < 8; ++r) s[r] = w <= 4 ? r * w : (r * w) & 7;
+    return _mm256_loadu_si256((const __m256i *)s);
 }
 
-__attribute__((target("avx2,fma"))) static inline __m256 lookup256(const float *t, __m256i idx, int w) {
-    if (w <= 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx);
-    /* 8-entry blocks selected by the bits above the third: blend by comparing the block number */
-    const __m256i low = _mm256_and_si256(idx, _mm256_set1_epi32(7)), block = _mm256_srli_epi32(idx, 3);
-    __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), low);
-    for (int j = 1; j < (1 << (w - 3)); ++j) {
-        const __m256 u = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8 * j), low);
-        v = _mm256_blendv_ps(v, u, _mm256_castsi256_ps(_mm256_cmpeq_epi32(block, _mm256_set1_epi32(j))));
+/* vpshufb control (w > 4): dword lane r takes the byte holding the start of row r's code and, when the code
+ * crosses into it, the next byte; the other bytes are zeroed (indices never pass byte 7 of the 64-bit window) */
+T256 static inline __m256i bytes256(int w) {
+    int8_t c[32];
+    for (int r = 0; r < 8; ++r) {
+        const int bit = r * w, lane = 4 * r;
+        c[lane] = (int8_t)(bit >> 3);
+        c[lane + 1] = (bit & 7) + w > 8 ? (int8_t)((bit >> 3) + 1) : (int8_t)-128;
+        c[lane + 2] = c[lane + 3] = (int8_t)-128;
     }
+    return _mm256_loadu_si256((const __m256i *)c);
+}
+
+static inline uint32_t load32(const void *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof(v));
     return v;
 }
 
-__attribute__((target("avx2,fma"))) static void gemv_avx2(const layer_t *L, const float *T, int64_t tsize,
-                                                          int64_t batch, float *y, int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-        for (int half = 0; half < 2; ++half) {
-            const int64_t r = g * GROUP + 8 * half;
-            if (r >= L->rows) break;
-            __m256 acc[MAX_BATCH];
-            for (int64_t b = 0; b < batch; ++b) acc[b] = _mm256_setzero_ps();
-            const uint16_t *p = L->codes + g * L->words;
-            for (int64_t i = 0; i < L->cols; ++i) {
-                const int w = L->widths[i];
-                const __m256i idx = decode256(p, w, half);
-                for (int64_t b = 0; b < batch; ++b)
-                    acc[b] = _mm256_add_ps(acc[b], lookup256(T + b * tsize + L->toff[i], idx, w));
-                p += w;
-            }
-            const int64_t left = L->rows - r;
-            for (int64_t b = 0; b < batch; ++b) {
-                if (left >= 8) {
-                    _mm256_storeu_ps(y + b * L->rows + r, acc[b]);
-                } else {
-                    float tmp[8];
-                    _mm256_storeu_ps(tmp, acc[b]);
-                    memcpy(y + b * L->rows + r, tmp, sizeof(float) * (size_t)left);
-                }
-            }
-        }
+/* the 8 codes of rows 8h..8h+7 in the w words at p, one per dword lane (bits above the code: other rows' bits,
+ * except for w > 4, where they are zero) */
+T256 static inline AI __m256i decode256(const uint16_t *p, int w, int half, __m256i shifts, __m256i bytes) {
+    const uint8_t *q = (const uint8_t *)p + half * w;
+    if (w <= 4) return _mm256_srlv_epi32(_mm256_set1_epi32((int)load32(q)), shifts);
+    if (w == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    return _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x((long long)load64(q)), bytes), shifts);
+}
+
+/* 8 look-ups of a table of 2^w entries (no mask: entries past 2^w are never picked for w >= 3; narrower
+ * columns need their index masked or a table repeated to 8 entries) */
+T256 static inline AI __m256 lookup256(const float *t, __m256i idx, int w) {
+    if (w <= 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx);
+    if (w == 4)  /* bit 3, moved to the sign bit, picks the upper 8 entries */
+        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx),
+                                _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), idx),
+                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    return _mm256_i32gather_ps(t, _mm256_and_si256(idx, _mm256_set1_epi32((1 << w) - 1)), 4);
+}
+
+/* rows [r, r + 8) of y, fewer at the end of the layer */
+T256 static inline void store_rows256(float *y, int64_t r, int64_t rows, __m256 v) {
+    if (r + 8 <= rows) {
+        _mm256_storeu_ps(y + r, v);
+    } else if (r < rows) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, v);
+        memcpy(y + r, tmp, sizeof(float) * (size_t)(rows - r));
     }
 }
 
-__attribute__((target("avx2,fma"))) static inline void store256(void *out, int bf16, int64_t e, __m256 v,
+/* Batch 1, NG groups per pass (2 NG accumulators of 8 rows), one segment of columns of width W (compile-time
+ * constants): the column's table (repeated to 16 entries below 4 bits, so no mask) is loaded once per pass. Per
+ * 8 weights: one broadcast load, one shift (and one byte shuffle above 4 bits), one vpermps (two and a blend at
+ * 4 bits, a gather above), one add. */
+T256 static inline AI const uint16_t *seg256(const float *t, int64_t n, const uint16_t *p, int64_t words,
+                                             __m256 acc[8], const int NG, const int W) {
+    const __m256i shifts = shifts256_c(W), bytes = W > 4 && W < 8 ? bytes256(W) : _mm256_setzero_si256();
+    for (int64_t i = 0; i < n; ++i, t += table_slots(W), p += W)
+#pragma GCC unroll 8
+        for (int k = 0; k < 2 * NG; ++k)
+            acc[k] = _mm256_add_ps(acc[k], lookup256(t, decode256(p + (k >> 1) * words, W, k & 1, shifts, bytes), W));
+    return p;
+}
+
+#define WIDTH_SWITCH(w, call)                                                                                   \
+    switch (w) {                                                                                                \
+        case 1: call(1); break;                                                                                 \
+        case 2: call(2); break;                                                                                 \
+        case 3: call(3); break;                                                                                 \
+        case 4: call(4); break;                                                                                 \
+        case 5: call(5); break;                                                                                 \
+        case 6: call(6); break;                                                                                 \
+        case 7: call(7); break;                                                                                 \
+        default: call(8); break;                                                                                \
+    }
+
+/* batch 1, groups [g, g + NG) */
+T256 static inline AI void gemv1_256(const layer_t *L, const float *T, float *y, int64_t g, const int NG) {
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 2 * NG; ++k) acc[k] = _mm256_setzero_ps();
+    const uint16_t *p = L->codes + g * L->words;
+    for (int64_t k = 0; k < L->nruns; ++k) {
+        const int64_t i = L->run[k], n = L->run[k + 1] - i;
+        const float *t = T + L->toff[i];
+#define SEG1(W) p = seg256(t, n, p, L->words, acc, NG, W)
+        WIDTH_SWITCH(L->widths[i], SEG1)
+#undef SEG1
+    }
+    for (int k = 0; k < 2 * NG; ++k) store_rows256(y, (g + (k >> 1)) * GROUP + 8 * (k & 1), L->rows, acc[k]);
+}
+
+/* Batch 2..8: NH halves (8 rows each) per pass and B tokens (B * NH <= 8 accumulators): each column's codes are
+ * decoded once per half for all B tokens; tables of 2^w entries, so indices of narrow columns are masked. */
+T256 static inline AI const uint16_t *segb256(const float *t, int64_t tsize, int64_t n, const uint16_t *p,
+                                              int64_t words, int half0, __m256 acc[8], const int B, const int NH,
+                                              const int W) {
+    const __m256i shifts = shifts256_c(W), bytes = W > 4 && W < 8 ? bytes256(W) : _mm256_setzero_si256();
+    const __m256i low = _mm256_set1_epi32((1 << W) - 1);
+    for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W)
+#pragma GCC unroll 4
+        for (int k = 0; k < NH; ++k) {
+            const int h = half0 + k;
+            __m256i idx = decode256(p + (h >> 1) * words, W, h & 1, shifts, bytes);
+            if (W < 3) idx = _mm256_and_si256(idx, low);
+#pragma GCC unroll 8
+            for (int b = 0; b < B; ++b) acc[k * B + b] = _mm256_add_ps(acc[k * B + b], lookup256(t + b * tsize, idx, W));
+        }
+    return p;
+}
+
+/* halves [h, h + NH) of group g (h even) for B tokens */
+T256 static inline AI void gemvb256(const layer_t *L, const float *T, int64_t tsize, float *y, int64_t g, int h,
+                                    const int B, const int NH) {
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < B * NH; ++k) acc[k] = _mm256_setzero_ps();
+    const uint16_t *p = L->codes + g * L->words;
+    for (int64_t k = 0; k < L->nruns; ++k) {
+        const int64_t i = L->run[k], n = L->run[k + 1] - i;
+        const float *t = T + L->toff[i];
+#define SEGB(W) p = segb256(t, tsize, n, p, L->words, h, acc, B, NH, W)
+        WIDTH_SWITCH(L->widths[i], SEGB)
+#undef SEGB
+    }
+    for (int k = 0; k < NH; ++k)
+        for (int b = 0; b < B; ++b)
+            store_rows256(y + b * L->rows, g * GROUP + 8 * (h + k), L->rows, acc[k * B + b]);
+}
+
+/* groups [g0, g1) for B tokens: passes of both halves of a group (NH = 2) or of one (NH = 1) */
+#define DEF_GEMVB256(B, NH)                                                                                     \
+    T256 static void gemvb256_##B(const layer_t *L, const float *T, int64_t tsize, float *y, int64_t g0,         \
+                                  int64_t g1) {                                                                 \
+        for (int64_t g = g0; g < g1; ++g)                                                                       \
+            for (int h = 0; h < 2; h += NH) gemvb256(L, T, tsize, y, g, h, B, NH);                               \
+    }
+DEF_GEMVB256(2, 2)
+DEF_GEMVB256(3, 2)
+DEF_GEMVB256(4, 2)
+DEF_GEMVB256(5, 1)
+DEF_GEMVB256(6, 1)
+DEF_GEMVB256(7, 1)
+DEF_GEMVB256(8, 1)
+
+T256 static void gemv_avx2(const layer_t *L, const float *T, int64_t tsize, int64_t batch, float *y, int64_t g0,
+                           int64_t g1) {
+    switch (batch) {
+        case 1: {
+            int64_t g = g0;
+            for (; g + 4 <= g1; g += 4) gemv1_256(L, T, y, g, 4);
+            for (; g < g1; ++g) gemv1_256(L, T, y, g, 1);
+            break;
+        }
+        case 2: gemvb256_2(L, T, tsize, y, g0, g1); break;
+        case 3: gemvb256_3(L, T, tsize, y, g0, g1); break;
+        case 4: gemvb256_4(L, T, tsize, y, g0, g1); break;
+        case 5: gemvb256_5(L, T, tsize, y, g0, g1); break;
+        case 6: gemvb256_6(L, T, tsize, y, g0, g1); break;
+        case 7: gemvb256_7(L, T, tsize, y, g0, g1); break;
+        default: gemvb256_8(L, T, tsize, y, g0, g1); break;
+    }
+}
+
+T256 static inline void store256(void *out, int bf16, int64_t e, __m256 v,
                                                                   int64_t left) {
     if (bf16) {
         __m256i u = _mm256_castps_si256(v);
@@ -495,18 +619,19 @@ __attribute__((target("avx2,fma"))) static inline void store256(void *out, int b
     }
 }
 
-__attribute__((target("avx2,fma"))) static void dequant_avx2(const layer_t *L, void *out, int64_t ld, int64_t rbase,
-                                                             int bf16, int64_t g0, int64_t g1) {
+T256 static void dequant_avx2(const layer_t *L, void *out, int64_t ld, int64_t rbase, int bf16, int64_t g0,
+                              int64_t g1) {
     int64_t woff = 0;
     for (int64_t i = 0; i < L->cols; ++i) {
         const int w = L->widths[i];
         const float *cb = L->codebooks + L->cb_offset[i];
+        const __m256i shifts = shifts256_c(w), bytes = bytes256(w), low = _mm256_set1_epi32((1 << w) - 1);
         for (int64_t g = g0; g < g1; ++g)
             for (int half = 0; half < 2; ++half) {
                 const int64_t r = g * GROUP + 8 * half, left = L->rows - r;
                 if (left <= 0) break;
-                store256(out, bf16, i * ld + r - rbase, lookup256(cb, decode256(L->codes + g * L->words + woff, w, half), w),
-                         left);
+                const __m256i idx = _mm256_and_si256(decode256(L->codes + g * L->words + woff, w, half, shifts, bytes), low);
+                store256(out, bf16, i * ld + r - rbase, lookup256(cb, idx, w), left);
             }
         woff += w;
     }
@@ -573,7 +698,7 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
     if (cols > 0 && table_offset[cols - 1] + table_slots(widths[cols - 1]) > table_size) return -1;
     layer_t L;
     make_layer(&L, rows, cols, codes, order, widths, codebooks, cb_offset, orow, ocol, odelta, bias);
-    L.repeat = isa == 2 && batch == 1;  /* the batch-1 AVX-512 loop looks up without a mask */
+    L.repeat = isa >= 1 && batch == 1;  /* the batch-1 SIMD loops look up without a mask */
     if (L.repeat) L.toff = table_offset;
     if (find_runs(&L) != 0) return -2;
     const int threads = threads_for(nthreads);
