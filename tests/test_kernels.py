@@ -101,7 +101,7 @@ def test_prefill_tiles_are_the_dequantized_weight_exactly(isa, dtype, monkeypatc
                          for g0 in range(0, groups, per_tile)], dim=1)
         assert torch.equal(got, expected), (isa, per_tile)
     monkeypatch.setattr(native, "TILE_BYTES", 16 * cols * 4 * 2)  # two groups per tile in the module's matmul
-    for tokens in (5, 20, 40):  # LUT for both dtypes; LUT (float32) or bf16 tiles; tiles for both
+    for tokens in (5, 20, 40):  # LUT for both dtypes; LUT or tiles by ISA and dtype; tiles for both
         x = torch.randn(tokens, cols).to(dtype)
         module.kernel = "reference"
         reference = module(x)
@@ -115,6 +115,31 @@ def test_prefill_tiles_are_the_dequantized_weight_exactly(isa, dtype, monkeypatc
         prepared.tile(0, 1, torch.empty(cols * 16, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "no-bf16-cpu"])
+def test_bfloat16_prefill_multiplies_in_bfloat16_only_where_the_cpu_does_it_natively(native_bf16, monkeypatch):
+    """A bfloat16 input of 40 tokens goes to bfloat16 tiles where the CPU has bfloat16 dot products, to float32 tiles
+    elsewhere (emulated bfloat16 matmuls measured up to 100x slower); 20 tokens take the LUT-GEMV on a CPU without
+    them. The output is bfloat16 and agrees with the reference either way."""
+    rows, cols = 203, 77
+    module = CMPQLinear.from_weight(random_layer(rows, cols, [2, 3, 4], nnz=300, seed=5), torch.randn(rows))
+    module.kernel = "native"
+    monkeypatch.setattr(native, "bfloat16_tiles", lambda: native_bf16)
+    monkeypatch.setattr(native, "lut_tokens", lambda code: 32)  # as on AVX-512
+    prepared = module._native = module.prepare_native()
+    tiles, gemvs = [], []
+    tile, gemv = prepared.tile, prepared.gemv
+    monkeypatch.setattr(prepared, "tile", lambda g0, g1, out, *a: tiles.append(out.dtype) or tile(g0, g1, out, *a))
+    monkeypatch.setattr(prepared, "gemv", lambda x, *a: gemvs.append(x.dtype) or gemv(x, *a))
+    for tokens in (20, 40):
+        x = torch.randn(tokens, cols).bfloat16()
+        got = module(x)
+        assert got.dtype == torch.bfloat16
+        reference = torch.nn.functional.linear(x.float(), module.dequantize(), module.bias)
+        torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+    assert set(tiles) == {torch.bfloat16 if native_bf16 else torch.float32}
+    assert gemvs == ([] if native_bf16 else [torch.float32])
+
+
 def test_auto_falls_back_to_reference_with_a_warning_when_the_kernels_are_missing(monkeypatch):
     module = CMPQLinear.from_weight(random_layer(32, 24, [3], nnz=5))
     x = torch.randn(1, 24)
@@ -124,6 +149,25 @@ def test_auto_falls_back_to_reference_with_a_warning_when_the_kernels_are_missin
     module.kernel = "native"
     with pytest.raises(RuntimeError, match="not built"):
         module(x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_float32_batches_above_the_isa_threshold_take_tiles(isa, monkeypatch):
+    """The LUT-GEMV takes float32 batches up to the ISA's threshold (8 tokens on AVX2, 32 on AVX-512), dequantized
+    tiles the rest; both agree with the reference."""
+    rows, cols = 100, 77
+    module = CMPQLinear.from_weight(random_layer(rows, cols, [2, 3, 4], nnz=50, seed=6))
+    module.kernel, module.isa = "native", isa
+    prepared = module._native = module.prepare_native()
+    paths = []
+    gemv, matmul = prepared.gemv, prepared.matmul
+    monkeypatch.setattr(prepared, "gemv", lambda x, *a: paths.append(("lut", x.shape[0])) or gemv(x, *a))
+    monkeypatch.setattr(prepared, "matmul", lambda x, *a: paths.append(("tiles", x.shape[0])) or matmul(x, *a))
+    limit = native.LUT_TOKENS[isa]
+    for tokens in (limit, limit + 1):
+        x = torch.randn(tokens, cols)
+        torch.testing.assert_close(module(x), torch.nn.functional.linear(x, module.dequantize()), rtol=1e-5, atol=1e-4)
+    assert paths == [("lut", limit), ("tiles", limit + 1)]
 
 
 def test_forcing_an_unknown_isa_is_an_error(monkeypatch):

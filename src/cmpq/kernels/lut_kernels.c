@@ -468,6 +468,16 @@ T256 static inline AI __m256 lookup256(const float *t, __m256i idx, int w) {
         return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx),
                                 _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), idx),
                                 _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    if (w <= 6) {  /* 2^(w-3) blocks of 8 entries, then a tree of blends on bits 3.. (faster than a gather here) */
+        __m256 parts[8];
+        const int blocks = 1 << (w - 3);
+        for (int j = 0; j < blocks; ++j) parts[j] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8 * j), idx);
+        for (int k = 3, n = blocks; k < w; ++k, n >>= 1) {
+            const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 31 - k));  /* bit k in the sign bit */
+            for (int j = 0; j < n / 2; ++j) parts[j] = _mm256_blendv_ps(parts[2 * j], parts[2 * j + 1], upper);
+        }
+        return parts[0];
+    }
     return _mm256_i32gather_ps(t, _mm256_and_si256(idx, _mm256_set1_epi32((1 << w) - 1)), 4);
 }
 
@@ -482,118 +492,122 @@ T256 static inline void store_rows256(float *y, int64_t r, int64_t rows, __m256 
     }
 }
 
-/* Batch 1, NG groups per pass (2 NG accumulators of 8 rows), one segment of columns of width W (compile-time
- * constants): the column's table (repeated to 16 entries below 4 bits, so no mask) is loaded once per pass. Per
- * 8 weights: one broadcast load, one shift (and one byte shuffle above 4 bits), one vpermps (two and a blend at
- * 4 bits, a gather above), one add. */
-T256 static inline AI const uint16_t *seg256(const float *t, int64_t n, const uint16_t *p, int64_t words,
-                                             __m256 acc[8], const int NG, const int W) {
-    const __m256i shifts = shifts256_c(W), bytes = W > 4 && W < 8 ? bytes256(W) : _mm256_setzero_si256();
-    for (int64_t i = 0; i < n; ++i, t += table_slots(W), p += W)
-#pragma GCC unroll 8
-        for (int k = 0; k < 2 * NG; ++k)
-            acc[k] = _mm256_add_ps(acc[k], lookup256(t, decode256(p + (k >> 1) * words, W, k & 1, shifts, bytes), W));
-    return p;
+/* build_tables with 8 entries per instruction: each column's first 8 entries (2^w of them repeated below 3 bits,
+ * one vpermps of the codebook) times x, stored once or twice; wider columns in steps of 8. The scalar loop stored
+ * one float at a time and took 17% of a call on 576x576 at 3 bits. Reads up to 8 floats past a codebook (the
+ * caller pads the codebooks by 16). */
+T256 static void build_tables256(const layer_t *L, const float *x, int64_t batch, float *T, int64_t tsize, int64_t i0,
+                                 int64_t i1) {
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *xb = x + b * L->cols;
+        float *Tb = T + b * tsize;
+        for (int64_t i = i0; i < i1; ++i) {
+            const int w = L->widths[i];
+            const int64_t n = (int64_t)1 << w, slots = L->repeat ? table_slots(w) : n;
+            const float *cb = L->codebooks + L->cb_offset[i];
+            float *t = Tb + L->toff[i];
+            const __m256 xv = _mm256_set1_ps(xb[L->order[i]]);
+            if (n < 8) {
+                const __m256i repeat = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                        _mm256_set1_epi32((int)n - 1));
+                const __m256 v = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(cb), repeat), xv);
+                if (slots >= 8) {
+                    for (int64_t c = 0; c < slots; c += 8) _mm256_storeu_ps(t + c, v);
+                } else {  /* compact table of 2 or 4 entries */
+                    float tmp[8];
+                    _mm256_storeu_ps(tmp, v);
+                    memcpy(t, tmp, sizeof(float) * (size_t)slots);
+                }
+            } else {
+                for (int64_t c = 0; c < n; c += 8) _mm256_storeu_ps(t + c, _mm256_mul_ps(_mm256_loadu_ps(cb + c), xv));
+                for (int64_t c = n; c < slots; c += 8) _mm256_storeu_ps(t + c, _mm256_mul_ps(_mm256_loadu_ps(cb + (c & (n - 1))), xv));
+            }
+        }
+    }
 }
 
-#define WIDTH_SWITCH(w, call)                                                                                   \
-    switch (w) {                                                                                                \
-        case 1: call(1); break;                                                                                 \
-        case 2: call(2); break;                                                                                 \
-        case 3: call(3); break;                                                                                 \
-        case 4: call(4); break;                                                                                 \
-        case 5: call(5); break;                                                                                 \
-        case 6: call(6); break;                                                                                 \
-        case 7: call(7); break;                                                                                 \
-        default: call(8); break;                                                                                \
-    }
-
-/* batch 1, groups [g, g + NG) */
-T256 static inline AI void gemv1_256(const layer_t *L, const float *T, float *y, int64_t g, const int NG) {
-    __m256 acc[8];
-#pragma GCC unroll 8
-    for (int k = 0; k < 2 * NG; ++k) acc[k] = _mm256_setzero_ps();
-    const uint16_t *p = L->codes + g * L->words;
-    for (int64_t k = 0; k < L->nruns; ++k) {
-        const int64_t i = L->run[k], n = L->run[k + 1] - i;
-        const float *t = T + L->toff[i];
-#define SEG1(W) p = seg256(t, n, p, L->words, acc, NG, W)
-        WIDTH_SWITCH(L->widths[i], SEG1)
-#undef SEG1
-    }
-    for (int k = 0; k < 2 * NG; ++k) store_rows256(y, (g + (k >> 1)) * GROUP + 8 * (k & 1), L->rows, acc[k]);
-}
-
-/* Batch 2..8: NH halves (8 rows each) per pass and B tokens (B * NH <= 8 accumulators): each column's codes are
- * decoded once per half for all B tokens; tables of 2^w entries, so indices of narrow columns are masked. */
-T256 static inline AI const uint16_t *segb256(const float *t, int64_t tsize, int64_t n, const uint16_t *p,
-                                              int64_t words, int half0, __m256 acc[8], const int B, const int NH,
-                                              const int W) {
+/* One segment of n stored columns of width W, for `halves` 8-row halves from half h0 (half h: rows 8h.. of the pass,
+ * codes at p + (h / 2) * words) and B tokens (B * halves <= 8 accumulators; W, B and halves compile-time constants,
+ * so every branch folds away). Each column's codes are decoded once per half for all tokens, and each token's table
+ * is read once per half. Per 8 weights and token: one vpermps (two and a blend at 4 bits, a tree of them at 5 and
+ * 6 bits, a gather above) and one add; per 8 weights: one broadcast load and one vpsrlvd (and a vpshufb above 4
+ * bits). One token reads tables repeated to 16 entries (no index mask at 1 and 2 bits, and one layout for every
+ * ISA); batches read tables of 2^w entries and mask. */
+T256 static inline AI const uint16_t *seg256(const float *t, int64_t tsize, int64_t n, const uint16_t *p,
+                                             int64_t words, int h0, __m256 acc[8], const int B, const int halves,
+                                             const int W) {
     const __m256i shifts = shifts256_c(W), bytes = W > 4 && W < 8 ? bytes256(W) : _mm256_setzero_si256();
     const __m256i low = _mm256_set1_epi32((1 << W) - 1);
-    for (int64_t i = 0; i < n; ++i, t += 1 << W, p += W)
-#pragma GCC unroll 4
-        for (int k = 0; k < NH; ++k) {
-            const int h = half0 + k;
-            __m256i idx = decode256(p + (h >> 1) * words, W, h & 1, shifts, bytes);
-            if (W < 3) idx = _mm256_and_si256(idx, low);
+    const int64_t step = B == 1 ? table_slots(W) : 1 << W;
+    __m256 a[8];  /* a local copy stays in registers (stores through acc might alias the tables) */
 #pragma GCC unroll 8
-            for (int b = 0; b < B; ++b) acc[k * B + b] = _mm256_add_ps(acc[k * B + b], lookup256(t + b * tsize, idx, W));
+    for (int k = 0; k < B * halves; ++k) a[k] = acc[k];
+    for (int64_t i = 0; i < n; ++i, t += step, p += W)
+#pragma GCC unroll 8
+        for (int k = 0; k < halves; ++k) {
+            const int h = h0 + k;
+            __m256i idx = decode256(p + (h >> 1) * words, W, h & 1, shifts, bytes);
+            if (B > 1 && W < 3) idx = _mm256_and_si256(idx, low);
+#pragma GCC unroll 8
+            for (int b = 0; b < B; ++b) a[k * B + b] = _mm256_add_ps(a[k * B + b], lookup256(t + b * tsize, idx, W));
         }
+#pragma GCC unroll 8
+    for (int k = 0; k < B * halves; ++k) acc[k] = a[k];
     return p;
 }
 
-/* halves [h, h + NH) of group g (h even) for B tokens */
-T256 static inline AI void gemvb256(const layer_t *L, const float *T, int64_t tsize, float *y, int64_t g, int h,
-                                    const int B, const int NH) {
-    __m256 acc[8];
-#pragma GCC unroll 8
-    for (int k = 0; k < B * NH; ++k) acc[k] = _mm256_setzero_ps();
-    const uint16_t *p = L->codes + g * L->words;
-    for (int64_t k = 0; k < L->nruns; ++k) {
-        const int64_t i = L->run[k], n = L->run[k + 1] - i;
-        const float *t = T + L->toff[i];
-#define SEGB(W) p = segb256(t, tsize, n, p, L->words, h, acc, B, NH, W)
-        WIDTH_SWITCH(L->widths[i], SEGB)
-#undef SEGB
+/* One function per (tokens, halves, width), each register-allocated on its own: inlined into one function, the
+ * blend trees of wide columns pushed every width's accumulators to the stack. Passes: one token, 8 halves (4 groups,
+ * each table read once per 64 rows) or 2 (a last group); 2..4 tokens, 2 halves; 5..8 tokens, 1. */
+typedef const uint16_t *(*seg256_fn)(const float *, int64_t, int64_t, const uint16_t *, int64_t, int, __m256 *);
+#define SEG256(B, H, W)                                                                                         \
+    T256 static __attribute__((noinline)) const uint16_t *seg256_##B##_##H##_##W(                               \
+        const float *t, int64_t tsize, int64_t n, const uint16_t *p, int64_t words, int h0, __m256 *acc) {      \
+        return seg256(t, tsize, n, p, words, h0, acc, B, H, W);                                                 \
     }
-    for (int k = 0; k < NH; ++k)
-        for (int b = 0; b < B; ++b)
-            store_rows256(y + b * L->rows, g * GROUP + 8 * (h + k), L->rows, acc[k * B + b]);
-}
+#define SEG256_WIDTHS(B, H) SEG256(B, H, 1) SEG256(B, H, 2) SEG256(B, H, 3) SEG256(B, H, 4) SEG256(B, H, 5)        \
+    SEG256(B, H, 6) SEG256(B, H, 7) SEG256(B, H, 8)                                                             \
+    static const seg256_fn seg256_##B##_##H[9] = {NULL, seg256_##B##_##H##_1, seg256_##B##_##H##_2,              \
+        seg256_##B##_##H##_3, seg256_##B##_##H##_4, seg256_##B##_##H##_5, seg256_##B##_##H##_6,                  \
+        seg256_##B##_##H##_7, seg256_##B##_##H##_8};
+SEG256_WIDTHS(1, 8)
+SEG256_WIDTHS(1, 2)
+SEG256_WIDTHS(2, 2)
+SEG256_WIDTHS(3, 2)
+SEG256_WIDTHS(4, 2)
+SEG256_WIDTHS(5, 1)
+SEG256_WIDTHS(6, 1)
+SEG256_WIDTHS(7, 1)
+SEG256_WIDTHS(8, 1)
 
-/* groups [g0, g1) for B tokens: passes of both halves of a group (NH = 2) or of one (NH = 1) */
-#define DEF_GEMVB256(B, NH)                                                                                     \
-    T256 static void gemvb256_##B(const layer_t *L, const float *T, int64_t tsize, float *y, int64_t g0,         \
-                                  int64_t g1) {                                                                 \
-        for (int64_t g = g0; g < g1; ++g)                                                                       \
-            for (int h = 0; h < 2; h += NH) gemvb256(L, T, tsize, y, g, h, B, NH);                               \
+/* `halves` halves from half h0 of group g (rows 16 g + 8 h0 ..) for `batch` tokens, with the instances `seg` */
+T256 static void pass256(const layer_t *L, const float *T, int64_t tsize, int64_t batch, float *y, int64_t g, int h0,
+                         int halves, const seg256_fn *seg) {
+    __m256 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    const uint16_t *p = L->codes + g * L->words;
+    for (int64_t k = 0; k < L->nruns; ++k) {  /* runs of equal width */
+        const int64_t i = L->run[k];
+        p = seg[L->widths[i]](T + L->toff[i], tsize, L->run[k + 1] - i, p, L->words, h0, acc);
     }
-DEF_GEMVB256(2, 2)
-DEF_GEMVB256(3, 2)
-DEF_GEMVB256(4, 2)
-DEF_GEMVB256(5, 1)
-DEF_GEMVB256(6, 1)
-DEF_GEMVB256(7, 1)
-DEF_GEMVB256(8, 1)
+    for (int k = 0; k < halves; ++k)
+        for (int64_t b = 0; b < batch; ++b)
+            store_rows256(y + b * L->rows, g * GROUP + 8 * (h0 + k), L->rows, acc[k * batch + b]);
+}
 
 T256 static void gemv_avx2(const layer_t *L, const float *T, int64_t tsize, int64_t batch, float *y, int64_t g0,
                            int64_t g1) {
-    switch (batch) {
-        case 1: {
-            int64_t g = g0;
-            for (; g + 4 <= g1; g += 4) gemv1_256(L, T, y, g, 4);
-            for (; g < g1; ++g) gemv1_256(L, T, y, g, 1);
-            break;
-        }
-        case 2: gemvb256_2(L, T, tsize, y, g0, g1); break;
-        case 3: gemvb256_3(L, T, tsize, y, g0, g1); break;
-        case 4: gemvb256_4(L, T, tsize, y, g0, g1); break;
-        case 5: gemvb256_5(L, T, tsize, y, g0, g1); break;
-        case 6: gemvb256_6(L, T, tsize, y, g0, g1); break;
-        case 7: gemvb256_7(L, T, tsize, y, g0, g1); break;
-        default: gemvb256_8(L, T, tsize, y, g0, g1); break;
+    static const seg256_fn *batched[MAX_BATCH + 1] = {NULL, NULL, seg256_2_2, seg256_3_2, seg256_4_2, seg256_5_1,
+                                                      seg256_6_1, seg256_7_1, seg256_8_1};
+    int64_t g = g0;
+    if (batch == 1) {
+        for (; g + 4 <= g1; g += 4) pass256(L, T, tsize, 1, y, g, 0, 8, seg256_1_8);
+        for (; g < g1; ++g) pass256(L, T, tsize, 1, y, g, 0, 2, seg256_1_2);
+        return;
     }
+    const int halves = batch <= 4 ? 2 : 1;
+    for (; g < g1; ++g)
+        for (int h = 0; h < 2; h += halves) pass256(L, T, tsize, batch, y, g, h, halves, batched[batch]);
 }
 
 T256 static inline void store256(void *out, int bf16, int64_t e, __m256 v,
@@ -711,7 +725,11 @@ int cmpq_lut_gemv(const float *x, int64_t batch, float *y, float *tables, int64_
         /* each thread builds the tables of its share of the columns (built by one, the others waited) */
         int64_t i0, i1;
         thread_share(cols, &i0, &i1);
-        build_tables(&L, x, batch, tables, table_size, i0, i1);
+#ifdef CMPQ_X86
+        if (isa >= 1) build_tables256(&L, x, batch, tables, table_size, i0, i1);
+        else
+#endif
+            build_tables(&L, x, batch, tables, table_size, i0, i1);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; ++c) {

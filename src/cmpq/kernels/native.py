@@ -17,14 +17,17 @@ from pathlib import Path
 
 import torch
 
+from cmpq.calibration.precision import native_bfloat16
 from cmpq.packed.codes import codes_at
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 MAX_BATCH = 8  # tokens per LUT-GEMV call (the kernel's register blocking)
-# Path choice, measured with `cmpq bench kernels` on this 2-core machine: float32 inputs go through the LUT-GEMV
-# in calls of 8 up to LUT_TOKENS tokens (at 16 tokens 2x faster than dequantized tiles on 11008x4096, level at 64
-# on smollm2's shapes); above, and for bfloat16 inputs above MAX_BATCH, tiles and a dense matmul in the input's dtype.
-LUT_TOKENS = 32
+# Path choice, measured with `cmpq bench kernels` on 2-core machines: float32 inputs go through the LUT-GEMV in
+# calls of 8 up to LUT_TOKENS[isa] tokens, larger batches (and bfloat16 inputs above MAX_BATCH) through dequantized
+# tiles and a dense matmul. AVX-512 (Zen 4): the LUT-GEMV at 16 tokens 2x faster than tiles on 11008x4096, level at
+# 64 on smollm2's shapes. AVX2 (Zen 3): one vpermps per 8 weights and token bounds it, and tiles win from 16 tokens
+# (11008x4096: 37 against 47 ms; 1536x576: 0.61 against 0.75 ms).
+LUT_TOKENS = {"avx512": 32, "avx2": MAX_BATCH, "portable": MAX_BATCH}
 TILE_BYTES = 4 << 20  # one dequantized tile: small enough to stay in cache while the matmul reads it
 _PAD = 16      # kernels load whole 16-float registers from tables and codebooks
 
@@ -50,6 +53,14 @@ def library() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def bfloat16_tiles() -> bool:
+    """Whether prefill of a bfloat16 input dequantizes to bfloat16 tiles and multiplies in bfloat16: only where the
+    CPU has bfloat16 dot products. Elsewhere torch emulates them, and a bfloat16 matmul measured 4-100x slower than
+    float32 (AVX2 Zen 3, 11008x4096, 16 tokens: 1.4 s against 15 ms), so tiles and matmul stay float32 there."""
+    return native_bfloat16()
+
+
+@functools.cache
 def supported_isas() -> tuple[str, ...]:
     """Instruction sets the kernels can use on this CPU (empty if the library is missing)."""
     lib = library()
@@ -67,6 +78,15 @@ def isa_code(isa: str | None = None) -> int:
     """Code of the requested instruction set (-1 = the best available); called on every forward, so the
     answer per name is cached."""
     return _isa_code(isa or os.environ.get("CMPQ_ISA", "auto"))
+
+
+@functools.cache
+def lut_tokens(code: int) -> int:
+    """Most float32 tokens that the LUT-GEMV takes for instruction set `code` (-1: the best available)."""
+    lib = library()
+    if code < 0:
+        code = lib.cmpq_best_isa() if lib is not None else ISAS["portable"]
+    return LUT_TOKENS[next(name for name, value in ISAS.items() if value == code)]
 
 
 @functools.cache

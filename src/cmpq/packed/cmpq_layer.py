@@ -247,13 +247,15 @@ class CMPQLinear(PackedLinear):
         tokens = x2.shape[0]
         if tokens == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        # LUT tables are float32; above MAX_BATCH a bfloat16 input gets bfloat16 tiles and a bfloat16 matmul
-        lut = tokens <= native.MAX_BATCH or (x2.dtype != torch.bfloat16 and tokens <= native.LUT_TOKENS)
-        dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 and not lut else torch.float32
+        # LUT tables are float32; above MAX_BATCH a bfloat16 input gets bfloat16 tiles and a bfloat16 matmul where
+        # the CPU multiplies bfloat16 natively, float32 ones elsewhere
+        isa, threads = native.isa_code(self.isa), torch.get_num_threads()
+        bf16_tiles = x2.dtype == torch.bfloat16 and native.bfloat16_tiles()
+        lut = tokens <= native.MAX_BATCH or (not bf16_tiles and tokens <= native.lut_tokens(isa))
+        dtype = torch.bfloat16 if bf16_tiles and not lut else torch.float32
         if x2.dtype != dtype or not x2.is_contiguous():
             x2 = x2.to(dtype).contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
-        isa, threads = native.isa_code(self.isa), torch.get_num_threads()
         y = prepared.gemv(x2, bias, isa, threads) if lut else prepared.matmul(x2, bias, isa, threads)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == y.dtype else y.to(x.dtype)
