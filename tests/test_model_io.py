@@ -174,6 +174,35 @@ def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path
     assert "tokens/s" in (tmp_path / "out" / "decode.md").read_text()
 
 
+def test_decode_benchmark_alternates_models_and_takes_the_median_of_per_round_ratios(monkeypatch):
+    """Round r runs model A then model B; A's decode seconds drift (1, 2, 4 per round) and B is always twice as fast
+    as A in the same round: the per-round ratio is 2 every time, although B's median speed is not twice A's."""
+    from types import SimpleNamespace
+
+    from cmpq.bench import decode
+
+    calls = []
+    seconds = {"A": iter([9.0, 1.0, 2.0, 4.0]), "B": iter([9.0, 0.5, 1.0, 2.0])}  # first: the warm-up
+
+    def fake_generate(model, ids, new_tokens):
+        calls.append(model)
+        return torch.zeros(new_tokens, dtype=torch.long), 0.1, next(seconds[model])
+
+    class Tokenizer:
+        def __call__(self, text, return_tensors):
+            return SimpleNamespace(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+        def decode(self, ids, skip_special_tokens):
+            return "text"
+
+    monkeypatch.setattr(decode, "generate_ids", fake_generate)
+    models = [SimpleNamespace(model=name, tokenizer=Tokenizer()) for name in "AB"]
+    results = decode.interleaved_speeds(models, new_tokens=11, repeats=3)
+    assert calls == ["A", "B", "A", "B", "A", "B", "A", "B"]
+    assert [r["speedup"] for r in results] == [1.0, 2.0]
+    assert results[0]["tokens_per_second"] == 10 / 2.0 and results[1]["tokens_per_second"] == 10 / 1.0
+
+
 @pytest.mark.parametrize("group_size", [None, 16])
 def test_rtn_models_save_and_load_through_the_same_format(tmp_path, group_size):
     from cmpq.packed.uniform_layer import UniformLinear

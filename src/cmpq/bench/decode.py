@@ -15,18 +15,31 @@ from cmpq.models.load import LoadedModel, load_model
 PROMPT = "The history of the city begins with"
 
 
-def decode_speed(loaded: LoadedModel, new_tokens: int, repeats: int) -> dict:
-    """Median decode tokens/s over `repeats` generations of `new_tokens` (after one warm-up)."""
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
-    generate_ids(loaded.model, ids, 4)
-    speeds, prefill = [], []
+def interleaved_speeds(models: list[LoadedModel], new_tokens: int, repeats: int) -> list[dict]:
+    """Decode tokens/s of each model, measured in rounds: each round generates `new_tokens` once with every model
+    in turn (after one warm-up each), so that a drift of the machine's speed (this VM's moves by tens of percent
+    within minutes) falls on all models alike. `speedup` is the median over rounds of each round's ratio to the
+    first model, `tokens_per_second` the median over rounds."""
+    prompts = [loaded.tokenizer(PROMPT, return_tensors="pt").input_ids for loaded in models]
+    for loaded, ids in zip(models, prompts):
+        generate_ids(loaded.model, ids, 4)
+    speeds = [[] for _ in models]
+    prefill = [[] for _ in models]
+    last = [None] * len(models)
     for _ in range(repeats):
-        tokens, prefill_s, decode_s = generate_ids(loaded.model, ids, new_tokens)
-        speeds.append((tokens.numel() - 1) / decode_s)
-        prefill.append(prefill_s)
-    text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-    return {"tokens_per_second": statistics.median(speeds), "prefill_seconds": statistics.median(prefill),
-            "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "text": text}
+        for i, (loaded, ids) in enumerate(zip(models, prompts)):
+            tokens, prefill_s, decode_s = generate_ids(loaded.model, ids, new_tokens)
+            speeds[i].append((tokens.numel() - 1) / decode_s)
+            prefill[i].append(prefill_s)
+            last[i] = tokens
+    results = []
+    for i, loaded in enumerate(models):
+        ratios = [mine / first for mine, first in zip(speeds[i], speeds[0])]
+        results.append({"tokens_per_second": statistics.median(speeds[i]), "speedup": statistics.median(ratios),
+                        "prefill_seconds": statistics.median(prefill[i]), "prompt_tokens": prompts[i].shape[1],
+                        "new_tokens": new_tokens, "rounds": repeats,
+                        "text": loaded.tokenizer.decode(last[i], skip_special_tokens=True)})
+    return results
 
 
 def profile_step(loaded: LoadedModel, top: int = 8) -> list[dict]:
@@ -72,28 +85,24 @@ def _exit(module, args, output) -> None:
 
 
 def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: int = 5) -> list[dict]:
-    """Decode speed of each model (the first is the reference the others are compared with)."""
+    """Decode speed of each model (the first is the reference the others are compared with); all models are loaded
+    at once, so that their generations can alternate."""
     from cmpq.eval.records import environment
 
+    loaded = [load_model(spec) for spec in models]
     records = []
-    for spec in models:
-        loaded = load_model(spec)
-        quant = getattr(loaded.model.config, "quantization_config", None)
+    for spec, model, speed in zip(models, loaded, interleaved_speeds(loaded, new_tokens, repeats)):
+        quant = getattr(model.model.config, "quantization_config", None)
         quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
         head = (quant or {}).get("head") or {}
-        record = {"benchmark": "decode", "model": spec, **decode_speed(loaded, new_tokens, repeats),
-                  "bpw": (quant or {}).get("bpw"), "head_bpw": head.get("bpw"),
-                  "profile": profile_step(loaded), **environment()}
-        records.append(record)
-        del loaded
-    reference = records[0]["tokens_per_second"]
-    for record in records:
-        record["speedup"] = record["tokens_per_second"] / reference
+        records.append({"benchmark": "decode", "model": spec, **speed, "bpw": (quant or {}).get("bpw"),
+                        "head_bpw": head.get("bpw"), "profile": profile_step(model), **environment()})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     lines = [f"Decode, same loop (static KV cache, greedy), prompt {records[0]['prompt_tokens']} tokens, "
-             f"{new_tokens} new tokens, median of {repeats}; {records[0]['threads']} threads.", "",
+             f"{new_tokens} new tokens; {repeats} rounds, each running every model once in turn; tokens/s and the "
+             f"ratio to the first model are medians over the rounds; {records[0]['threads']} threads.", "",
              "| model | blocks bpw | head bpw | tokens/s | x first | top ops (share of self time) |",
              "|---|---|---|---|---|---|"]
     for r in records:

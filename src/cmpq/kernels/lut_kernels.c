@@ -15,8 +15,9 @@
  * looks the 16 values up in one register (widths above 4 bits use vpermi2ps on 32 entries and blend on the
  * higher bits).
  * AVX2 (8 rows per vector; vpermps holds 8 entries): one broadcast 32-bit load and one vpsrlvd decode 8 codes of
- * up to 4 bits (a vpshufb first above 4 bits); the look-up is one vpermps up to 3 bits (tables repeated to 16
- * entries for one token, so 1- and 2-bit columns need no mask either), two and a blend at 4 bits, a gather above.
+ * up to 4 bits (a vpshufb first above 4 bits); the look-up is one in-lane vpermilps on 4 entries up to 2 bits,
+ * one vpermps at 3 (tables repeated to 16 entries for one token, so narrow columns need no mask either), two and a
+ * blend at 4 bits, a tree of them at 5 and 6, a gather above.
  * Sparse outliers (CSR, delta = value minus the codebook value they replace) are added per row; batches of 2..8
  * share each decoded window across their tokens. dequant_tile (prefill): tiles of rows of the weight, transposed
  * and in stored column order, float32 or bfloat16, for a dense matmul.
@@ -461,9 +462,12 @@ T256 static inline AI __m256i decode256(const uint16_t *p, int w, int half, __m2
 }
 
 /* 8 look-ups of a table of 2^w entries (no mask: entries past 2^w are never picked for w >= 3; narrower
- * columns need their index masked or a table repeated to 8 entries) */
+ * columns need their index masked or a table repeated to 4 entries) */
 T256 static inline AI __m256 lookup256(const float *t, __m256i idx, int w) {
-    if (w <= 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx);
+    /* up to 2 bits: the first 4 entries in both 128-bit lanes and the in-lane vpermilps on the index's low 2 bits
+     * (on Zen 3 several per cycle; the lane-crossing vpermps, one) */
+    if (w <= 2) return _mm256_permutevar_ps(_mm256_broadcast_ps((const __m128 *)t), idx);
+    if (w == 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx);
     if (w == 4)  /* bit 3, moved to the sign bit, picks the upper 8 entries */
         return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx),
                                 _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), idx),
