@@ -427,7 +427,7 @@ T512 static void dequant_avx512(const layer_t *L, void *out, int64_t ld, int64_t
 
 /* shift of each of the 8 rows' codes: r*w within one 32-bit window (w <= 4), else (r*w) mod 8 after the byte
  * shuffle of `bytes256` */
-T256 static inline __m256i shifts256_c(int w) {
+T256 static inline __m256i shifts256(int w) {
     int32_t s[8];
     for (int r = 0; r < 8; ++r) s[r] = w <= 4 ? r * w : (r * w) & 7;
     return _mm256_loadu_si256((const __m256i *)s);
@@ -452,8 +452,8 @@ static inline uint32_t load32(const void *p) {
     return v;
 }
 
-/* the 8 codes of rows 8h..8h+7 in the w words at p, one per dword lane (bits above the code: other rows' bits,
- * except for w > 4, where they are zero) */
+/* the 8 codes of rows 8h..8h+7 in the w words at p, one per dword lane, in its low w bits (the bits above may hold
+ * other rows' bits: the look-ups read only the low w bits, or mask) */
 T256 static inline AI __m256i decode256(const uint16_t *p, int w, int half, __m256i shifts, __m256i bytes) {
     const uint8_t *q = (const uint8_t *)p + half * w;
     if (w <= 4) return _mm256_srlv_epi32(_mm256_set1_epi32((int)load32(q)), shifts);
@@ -533,14 +533,13 @@ T256 static void build_tables256(const layer_t *L, const float *x, int64_t batch
 /* One segment of n stored columns of width W, for `halves` 8-row halves from half h0 (half h: rows 8h.. of the pass,
  * codes at p + (h / 2) * words) and B tokens (B * halves <= 8 accumulators; W, B and halves compile-time constants,
  * so every branch folds away). Each column's codes are decoded once per half for all tokens, and each token's table
- * is read once per half. Per 8 weights and token: one vpermps (two and a blend at 4 bits, a tree of them at 5 and
- * 6 bits, a gather above) and one add; per 8 weights: one broadcast load and one vpsrlvd (and a vpshufb above 4
- * bits). One token reads tables repeated to 16 entries (no index mask at 1 and 2 bits, and one layout for every
- * ISA); batches read tables of 2^w entries and mask. */
+ * is read once per half. Per 8 weights and token: one look-up (lookup256) and one add; per 8 weights: one broadcast
+ * load and one vpsrlvd (and a vpshufb above 4 bits). One token reads tables repeated to 16 entries (no index mask
+ * at 1 and 2 bits, and one layout for every ISA); batches read tables of 2^w entries and mask. */
 T256 static inline AI const uint16_t *seg256(const float *t, int64_t tsize, int64_t n, const uint16_t *p,
                                              int64_t words, int h0, __m256 acc[8], const int B, const int halves,
                                              const int W) {
-    const __m256i shifts = shifts256_c(W), bytes = W > 4 && W < 8 ? bytes256(W) : _mm256_setzero_si256();
+    const __m256i shifts = shifts256(W), bytes = W > 4 && W < 8 ? bytes256(W) : _mm256_setzero_si256();
     const __m256i low = _mm256_set1_epi32((1 << W) - 1);
     const int64_t step = B == 1 ? table_slots(W) : 1 << W;
     __m256 a[8];  /* a local copy stays in registers (stores through acc might alias the tables) */
@@ -643,7 +642,7 @@ T256 static void dequant_avx2(const layer_t *L, void *out, int64_t ld, int64_t r
     for (int64_t i = 0; i < L->cols; ++i) {
         const int w = L->widths[i];
         const float *cb = L->codebooks + L->cb_offset[i];
-        const __m256i shifts = shifts256_c(w), bytes = bytes256(w), low = _mm256_set1_epi32((1 << w) - 1);
+        const __m256i shifts = shifts256(w), bytes = bytes256(w), low = _mm256_set1_epi32((1 << w) - 1);
         for (int64_t g = g0; g < g1; ++g)
             for (int half = 0; half < 2; ++half) {
                 const int64_t r = g * GROUP + 8 * half, left = L->rows - r;
