@@ -34,7 +34,9 @@ def describe(path: str) -> str:
     quant = json.loads(config.read_text())["quantization_config"]
     extras = [f"finetune {quant['finetune']['epochs']} ep" if quant.get("finetune") else "",
               f"distill {quant['distill']['epochs']} ep" if quant.get("distill") else "",
-              f"head {quant['head']['bpw']:.2f} bpw" if quant.get("head") else ""]
+              f"head {quant['head']['bpw']:.2f} bpw" if quant.get("head") else "",
+              f"{quant['calibration']['source']} calibration"
+              if (quant.get("calibration") or {}).get("source", "c4") != "c4" else ""]
     return f"{Path(path).name} ({quant['bpw']:.3f} bpw{''.join(', ' + e for e in extras if e)})"
 
 

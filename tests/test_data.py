@@ -94,5 +94,31 @@ def test_calibration_from_a_text_file(tmp_path):
     path.write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
     windows, source = calibration_windows(tiny_tokenizer(), CalibConfig(source=str(path), nsamples=4, seqlen=32))
     assert windows.shape == (4, 32) and source == str(path)
-    with pytest.raises(DataNotFoundError, match="neither c4, wikitext2 nor an existing text file"):
+    with pytest.raises(DataNotFoundError, match="neither c4, c4-chat, wikitext2 nor an existing text file"):
         calibration_windows(tiny_tokenizer(), CalibConfig(source=str(tmp_path / "nope.txt")))
+
+
+def test_chat_turns_split_first_line_then_first_sentence():
+    from cmpq.data.chat import split_turns
+
+    assert split_turns("Title line\nFirst answer.\nSecond.") == ("Title line", "First answer.\nSecond.")
+    assert split_turns("  One line. Then more? Yes.  ") == ("One line.", "Then more? Yes.")
+    assert split_turns("no sentence end") == ("no sentence end", "")
+
+
+def test_c4_chat_calibration_renders_protocol_documents_in_the_template():
+    from cmpq.data.chat import render_conversations, split_turns
+
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(DataNotFoundError, match="c4-chat.*has none"):
+        calibration_windows(tokenizer, CalibConfig(source="c4-chat", nsamples=2, seqlen=16))
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n"
+                               "{% endfor %}")
+    windows, source = calibration_windows(tokenizer, CalibConfig(source="c4-chat", nsamples=3, seqlen=64))
+    assert windows.shape == (3, 64) and "docs 1000..1999 as chat conversations" in source
+    plain, _ = calibration_windows(tokenizer, CalibConfig(source="c4", nsamples=3, seqlen=64))
+    assert not torch.equal(windows, plain)
+    docs, _ = sources.c4_calibration_docs()
+    user, assistant = split_turns(docs[0])
+    text = render_conversations(tokenizer, docs[:2], "c4-chat")
+    assert text.startswith(f"<|user|>{user}<|end|>\n<|assistant|>{assistant}<|end|>\n<|user|>")

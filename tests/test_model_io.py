@@ -140,6 +140,8 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys):
     assert main(["quantize", "--model", str(source), "--bits", "2.5", "--nsamples", "4", "--seqlen", "32",
                  "--eval", "none", "--out", str(out), "--no-progress"]) == 0
     assert "saved to" in capsys.readouterr().out
+    calibration = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]
+    assert calibration["source"] == "c4" and (calibration["nsamples"], calibration["seqlen"]) == (4, 32)
     assert main(["quantize", "--model", str(source), "--bits", "2.5", "--out", str(out), "--no-progress"]) == 2
     assert "exists" in capsys.readouterr().err  # refused before loading or quantizing anything
     assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "5"]) == 0

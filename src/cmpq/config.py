@@ -31,7 +31,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Which calibration tokens to use. `source` is c4 | wikitext2 | a path to a UTF-8 text file."""
+    """Which calibration tokens to use. `source` is c4 | c4-chat | wikitext2 | a path to a UTF-8 text file."""
 
     source: str = "c4"
     nsamples: int = 128

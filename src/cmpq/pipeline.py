@@ -38,6 +38,7 @@ class QuantizationResult:
     finetune: list = field(default_factory=list)  # per block: output error before and after fine-tuning
     finetune_config: FinetuneConfig | None = None  # the fine-tuning that produced `finetune`, if any
     distill: dict | None = None  # end-to-end distillation of the stored values (`cmpq.distill`), if it ran
+    calibration: dict | None = None  # source, nsamples, seqlen, seed, dtype of the calibration windows, if used
 
     def remove_hooks(self) -> None:
         """Take the activation quantizers off the model (e.g. before restoring its float weights)."""

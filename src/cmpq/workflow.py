@@ -65,6 +65,8 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     teacher_seconds = time.perf_counter() - start
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
                             progress=progress, dtype=dtype, head=head, finetune=finetune)
+    if windows is not None:
+        result.calibration = {**config_to_dict(calib), "dtype": calib_info["resolved_dtype"]}
     if tune:
         calib_info["finetune"] = {**config_to_dict(finetune), "blocks": result.finetune}
     if distilling:

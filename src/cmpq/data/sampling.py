@@ -7,7 +7,8 @@ import random
 import torch
 
 from cmpq.config import CalibConfig
-from cmpq.data.sources import load_calibration_text, load_eval_text
+from cmpq.data.chat import C4_CHAT, render_conversations
+from cmpq.data.sources import c4_calibration_docs, load_calibration_text, load_eval_text
 from cmpq.errors import DataNotFoundError
 
 
@@ -27,8 +28,13 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
 
 
 def calibration_windows(tokenizer, config: CalibConfig) -> tuple[torch.Tensor, str]:
-    """(windows of shape (nsamples, seqlen), source description) per PROTOCOL's calibration rule."""
-    text, source = load_calibration_text(config.source)
+    """(windows of shape (nsamples, seqlen), source description) per PROTOCOL's calibration rule; `c4-chat`
+    renders PROTOCOL's C4 documents in the model's chat template before the same tokenizing and sampling."""
+    if config.source == C4_CHAT:
+        docs, where = c4_calibration_docs()
+        text, source = render_conversations(tokenizer, docs, C4_CHAT), f"{where} as chat conversations"
+    else:
+        text, source = load_calibration_text(config.source)
     return sample_windows(tokenize(tokenizer, text), config.nsamples, config.seqlen, config.seed), source
 
 

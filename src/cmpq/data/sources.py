@@ -142,12 +142,18 @@ def load_eval_text(name: str) -> tuple[str, str]:
     raise DataNotFoundError(f"unknown evaluation dataset '{name}'; choose wikitext2, c4 or a UTF-8 text file")
 
 
+def c4_calibration_docs() -> tuple[list[str], str]:
+    """(C4 documents 1000..1999, source description): PROTOCOL's calibration documents."""
+    docs, where = _c4_docs()
+    return list(docs[C4_CALIB_DOCS.start:C4_CALIB_DOCS.stop]), f"{where} docs 1000..1999"
+
+
 def load_calibration_text(source: str) -> tuple[str, str]:
     """(calibration text, source description) for `c4` (docs 1000..1999), `wikitext2` (train, hub only) or a
     path to a plain UTF-8 text file."""
     if source == "c4":
-        docs, where = _c4_docs()
-        return " ".join(docs[C4_CALIB_DOCS.start:C4_CALIB_DOCS.stop]), f"{where} docs 1000..1999"
+        docs, where = c4_calibration_docs()
+        return " ".join(docs), where
     if source == "wikitext2":
         if _hub_available():
             return "\n\n".join(_wikitext2_hub("train")), "hub:wikitext/wikitext-2-raw-v1/train"
@@ -155,7 +161,7 @@ def load_calibration_text(source: str) -> tuple[str, str]:
                                 "here; use --calib c4 (the default) or a text file")
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataNotFoundError(f"calibration source '{source}' is neither c4, wikitext2 nor an existing text file")
+        raise DataNotFoundError(f"calibration source '{source}' is neither c4, c4-chat, wikitext2 nor an existing text file")
     return read_text_file(path), str(path)
 
 

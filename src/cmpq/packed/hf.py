@@ -38,7 +38,8 @@ class CmpqHfConfig(QuantizationConfigMixin):
     def __init__(self, format_version: int = FORMAT_VERSION, method: str = "cmpq", config: dict | None = None,
                  target_bits: float | None = None, bpw: float | None = None, layers: list[str] | None = None,
                  checksum: str | None = None, head: dict | None = None, base_model: str | None = None,
-                 finetune: dict | None = None, distill: dict | None = None, **kwargs: Any) -> None:
+                 finetune: dict | None = None, distill: dict | None = None, calibration: dict | None = None,
+                 **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.method = method
@@ -51,6 +52,7 @@ class CmpqHfConfig(QuantizationConfigMixin):
         self.base_model = base_model  # the float model it was quantized from (the KLD reference of `cmpq eval`)
         self.finetune = finetune  # {"epochs", "lr", "target", "blocks_kept"} when the stored values were fine-tuned
         self.distill = distill  # {"epochs", "lr", "topk", "holdout", "epoch_kept", "held_out_kl_kept"} when distilled
+        self.calibration = calibration  # {"source", "nsamples", "seqlen", "seed", "dtype"} of the calibration windows
 
 
 def checkpoint_layout(files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

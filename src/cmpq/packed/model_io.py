@@ -143,7 +143,8 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
             method=result.method, config=json.loads(json.dumps(config_to_dict(quantizer.config))),
             target_bits=quantizer.target_bits(), bpw=storage.bpw, layers=sorted(result.layers),
             checksum=sha256(tmp / WEIGHTS), head=_head_entry(result, head), base_model=loaded.spec,
-            finetune=_finetune_entry(result), distill=_distill_entry(result)).to_dict()
+            finetune=_finetune_entry(result), distill=_distill_entry(result),
+            calibration=result.calibration).to_dict()
         config.dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
