@@ -23,7 +23,11 @@ TARGETS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
 ABLATION_TARGETS = (2.5, 3.0)
 PAPER = dict(PRESETS["paper"])
 # Chosen from the "explore @ 3.0" rows: error-driven allocation, int8 codebooks and error feedback each helped.
-BEST = dict(PRESETS["best"])
+# The "CMPQ best" rows keep this per-layer setting (the preset until session 11); the preset itself now adds a
+# model-wide budget with Fisher-scaled layer errors, measured in the "CMPQ best, model-wide Fisher" rows.
+BEST = {**PAPER, "allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8", "error_feedback": True}
+BEST_FISHER = dict(PRESETS["best"])
+FISHER_TARGETS = (2.5, 3.0, 4.0)
 ABLATIONS = {
     "allocation by random order": {"allocation": "random"},
     "allocation by weight magnitude": {"allocation": "magnitude"},
@@ -52,6 +56,7 @@ def cells() -> list[tuple[str, Cell]]:
     rows: list[tuple[str, Cell]] = [("float32", Cell("float"))]
     rows += [(f"CMPQ paper @ {t}", Cell("cmpq", {**PAPER, "bits": t})) for t in TARGETS]
     rows += [(f"CMPQ best @ {t}", Cell("cmpq", {**BEST, "bits": t})) for t in TARGETS]
+    rows += [(f"CMPQ best, model-wide Fisher @ {t}", Cell("cmpq", {**BEST_FISHER, "bits": t})) for t in FISHER_TARGETS]
     rows += [(f"explore @ 3.0: {name}", Cell("cmpq", {**PAPER, **opts, "bits": 3.0})) for name, opts in EXPLORE.items()]
     rows += [(f"RTN {b}-bit {'g' + str(g) if g else 'per-channel'}", Cell("rtn", {"bits": b, "group_size": g}))
              for b, g in RTN]
@@ -82,7 +87,8 @@ def render(store: Store, calib: CalibConfig, protocol: str) -> str:
         seconds = record.get("quant_seconds")
         lines.append(f"| {label} | {bpw} | {code} | {ppl['wikitext2']['ppl']:.2f} | {ppl['c4']['ppl']:.2f} | "
                      f"{'-' if seconds is None else f'{seconds:.0f}'} | {record['peak_rss_mb']:.0f} |")
-    lines += ["", f"Best setting: `{json.dumps(BEST)}`. Command: `python benchmarks/cmpq_table.py`."
+    lines += ["", f"Best setting: `{json.dumps(BEST)}`; the preset `best` (cmpq's default since session 11): "
+              f"`{json.dumps(BEST_FISHER)}`. Command: `python benchmarks/cmpq_table.py`."
               + (f" {missing} cells not measured yet." if missing else "")]
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,10 @@ def describe(path: str) -> str:
     if not config.is_file():
         return f"{path} (float)"
     quant = json.loads(config.read_text())["quantization_config"]
-    extras = [f"finetune {quant['finetune']['epochs']} ep" if quant.get("finetune") else "",
+    method = quant.get("config") or {}
+    extras = ["model-wide Fisher-scaled budget" if (method.get("allocation_scope"), method.get("scope_error"))
+              == ("model", "fisher") else "",
+              f"finetune {quant['finetune']['epochs']} ep" if quant.get("finetune") else "",
               f"distill {quant['distill']['epochs']} ep" if quant.get("distill") else "",
               f"head {quant['head']['bpw']:.2f} bpw" if quant.get("head") else "",
               f"{quant['calibration']['source']} calibration"

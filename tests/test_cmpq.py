@@ -164,6 +164,76 @@ def test_model_wide_budget_meets_the_model_target_and_moves_bits_between_layers(
     assert sum(qw.storage().total for qw in results["layer"].layers.values()) < model_wide.total
 
 
+def fisher_stats(w, stats, scale, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return LayerStats(tokens=stats.tokens, values={**stats.values,
+                                                   "grad_sq_sum": torch.rand(w.shape, generator=g) * scale})
+
+
+def test_fisher_scale_is_the_ratio_of_fisher_to_activation_weighted_error():
+    from cmpq.quantizers.cmpq.kmeans import assign
+
+    w, stats = layer()
+    stats = fisher_stats(w, stats, 1e-3)
+    quantizer = get_quantizer("cmpq", bits=2.5, allocation="error", allocation_scope="model", scope_error="fisher",
+                              bit_set=(1, 2, 3))
+    _, s, act_mask, values, sorted_cols = quantizer._prepare(w, stats)
+    fits, weighted = quantizer._measure(sorted_cols, s)
+    got = quantizer._fisher_scale("layer", stats, values, act_mask, fits, weighted)
+    kept = ~act_mask  # the O_act outliers are set aside, as in the codebook fit
+    fisher_error = activation_error = 0.0
+    for b in (1, 2, 3):
+        deq = fits[b].gather(1, assign(values, fits[b])).T  # (out, in)
+        squared = (w - deq).double() ** 2 * kept
+        fisher_error += float((stats["grad_sq_sum"].double() * squared).sum())
+        activation_error += float((squared * stats["col_sq_sum"][None, :]).sum())
+    assert got == pytest.approx(fisher_error / activation_error, rel=1e-5)
+
+
+def test_fisher_scope_gives_bits_to_the_layer_the_loss_is_more_sensitive_to():
+    w, stats = layer()
+    widths = {}
+    for scope_error in ("absolute", "fisher"):
+        quantizer = get_quantizer("cmpq", bits=2.5, allocation="error", allocation_scope="model",
+                                  scope_error=scope_error)
+        assert ("grad_sq_sum" in quantizer.calibration_needs()) == (scope_error == "fisher")
+        layers = {"calm": fisher_stats(w, stats, 1e-4), "sensitive": fisher_stats(w, stats, 1e-2)}
+        for name, layer_stats in layers.items():
+            quantizer.measure(name, w, layer_stats)
+        quantizer.plan()
+        bpw = {name: quantizer.quantize(w, layer_stats, name).storage().bpw for name, layer_stats in layers.items()}
+        assert 2.45 <= sum(bpw.values()) / 2 <= 2.5
+        widths[scope_error] = bpw
+    # same weights and activations: equal up to the greedy's last steps
+    assert abs(widths["absolute"]["calm"] - widths["absolute"]["sensitive"]) < 0.05
+    assert widths["fisher"]["sensitive"] > widths["fisher"]["calm"] + 0.5
+
+
+def test_fisher_gradient_pass_takes_the_first_fisher_tokens():
+    quantizer = get_quantizer("cmpq", bits=2.5, allocation="error", allocation_scope="model", scope_error="fisher")
+    windows = torch.arange(128 * 2048).reshape(128, 2048)
+    assert torch.equal(quantizer.gradient_windows(windows), windows[:16])  # 32768 tokens
+    assert quantizer.gradient_windows(windows[:8, :512]).shape == (8, 512)  # fewer tokens than that: all
+    few = get_quantizer("cmpq", bits=2.5, allocation="error", allocation_scope="model", scope_error="fisher",
+                        fisher_tokens=100)
+    assert few.gradient_windows(windows).shape == (1, 2048)
+    with pytest.raises(ConfigError, match="fisher_tokens"):
+        CMPQConfig(fisher_tokens=0)
+
+
+def test_fisher_scope_on_a_model_meets_the_target():
+    from cmpq.models.arch import find_arch
+    from cmpq.models.tiny import TINY_VOCAB, tiny_model
+    from cmpq.pipeline import quantize_model
+
+    windows = torch.randint(3, TINY_VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama")
+    quantizer = get_quantizer("cmpq", bits=3.0, allocation="error", allocation_scope="model", scope_error="fisher",
+                              error_feedback=True, codebook="int8")
+    result = quantize_model(model, find_arch(model), quantizer, windows, progress=False)
+    assert 2.98 <= result.storage().bpw <= 3.0
+
+
 def test_model_scope_needs_error_allocation():
     with pytest.raises(ConfigError, match="cmpq.allocation_scope"):
         CMPQConfig(allocation_scope="model")

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", choices=presets,
                    help="a named set of the method's options (explicit options override it): cmpq's 'paper' "
                         "reproduces the paper's choices, 'best' (cmpq's default) is the best setting measured: "
-                        "error-driven allocation, int8 codebooks, error feedback")
+                        "error-driven allocation, int8 codebooks, error feedback, one bit budget for the whole "
+                        "model with each layer's errors scaled by the Fisher diagonal")
     q.add_argument("--bits-mode", choices=("honest", "code"),
                    help="cmpq: count every stored bit against --bits (honest, default) or code bits only (code, the "
                         "paper's convention; the honest bpw is still reported)")
@@ -144,9 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cmpq: one bit budget per layer (default, the paper) or one for the whole model, bits "
                         "flowing to the layers where they reduce the weighted error most (needs --allocation error; "
                         "adds a measuring pass)")
-    q.add_argument("--scope-error", choices=("absolute", "relative"),
+    q.add_argument("--scope-error", choices=("absolute", "relative", "fisher"),
                    help="cmpq with --allocation-scope model: compare layers by absolute activation-weighted error "
-                        "(default) or relative to each layer's output energy")
+                        "(default), relative to each layer's output energy, or scaled per layer to the loss increase "
+                        "the Fisher diagonal predicts (adds a backward pass over the first fisher_tokens=32768 "
+                        "calibration tokens)")
     q.add_argument("--act-outliers", type=float,
                    help="cmpq: fraction of weights kept in FP16 by largest |W_ij|*||X_j|| (default: 0.0045)")
     q.add_argument("--q-outliers", type=float,

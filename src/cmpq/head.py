@@ -26,11 +26,12 @@ HEAD_BIT_SET = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def head_quantizer(bits: float) -> Quantizer:
-    """CMPQ (best preset, every width 1..8 allowed) at `bits` honest bits per weight for the head."""
+    """CMPQ (best preset, every width 1..8 allowed) at `bits` honest bits per weight for the head: a budget of
+    its own (one layer, so the preset's model-wide budget does not apply)."""
     if not 1 <= bits <= 8:
         raise ConfigError(f"--quantize-head must be between 1 and 8 bits per weight, got {bits}")
     value: float | int = int(bits) if float(bits).is_integer() else bits
-    return get_quantizer("cmpq", preset="best", bits=value, bit_set=HEAD_BIT_SET)
+    return get_quantizer("cmpq", preset="best", bits=value, bit_set=HEAD_BIT_SET, allocation_scope="layer")
 
 
 def describe_head(name: str, qw: QuantizedWeight, quantizer: Quantizer) -> dict:

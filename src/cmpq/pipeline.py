@@ -93,8 +93,8 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     if all_needs & set(GRADIENT_STATISTICS):  # one backward pass per window over the float model, first
         linears = {f"{arch.blocks_path}.{i}.{n}": m for i, b in enumerate(blocks)
                    for n, m in arch.block_linears(b).items()}
-        gradients = gradient_statistics(model, linears, windows, all_needs & set(GRADIENT_STATISTICS), dtype,
-                                        progress)
+        gradients = gradient_statistics(model, linears, quantizer.gradient_windows(windows),
+                                        all_needs & set(GRADIENT_STATISTICS), dtype, progress)
     if quantizer.measures_model():
         _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress, dtype, gradients)
     if not quantizer.needs() & set(GRADIENT_STATISTICS):

@@ -40,9 +40,10 @@ def gradient_statistics(model: nn.Module, linears: dict[str, nn.Linear], windows
             linear.weight.requires_grad_(True)
         for index in tqdm(range(windows.shape[0]), desc="gradients", unit="window", disable=not progress):
             window = windows[index:index + 1]
-            with compute_context(dtype):
-                loss = model(window, labels=window, use_cache=False).loss
-            loss.backward()
+            with torch.enable_grad():  # library callers often quantize under torch.no_grad()
+                with compute_context(dtype):
+                    loss = model(window, labels=window, use_cache=False).loss
+                loss.backward()
             for name, linear in linears.items():
                 grad = linear.weight.grad.float()
                 if "grad_sum" in needs:

@@ -120,6 +120,11 @@ class Quantizer(ABC):
         """Statistics the measuring pass must gather (by default the same as `needs`)."""
         return self.needs()
 
+    def gradient_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """The calibration windows the backward pass for gradient statistics runs on (by default all of them;
+        a method that needs only coarse gradient information may take fewer, since the pass is costly)."""
+        return windows
+
     def calibration_needs(self) -> frozenset[str]:
         """Every statistic this configuration reads, in either pass: calibration data is needed iff non-empty."""
         return self.needs() | (self.measure_needs() if self.measures_model() else frozenset())

@@ -31,7 +31,7 @@ from cmpq.quantizers.outliers import sparse_bits, top_k_mask
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
 SCOPES = ("layer", "model")
-SCOPE_ERRORS = ("absolute", "relative")
+SCOPE_ERRORS = ("absolute", "relative", "fisher")
 CODEBOOK_FORMATS = {"fp16": 16, "int8": 8}
 GRIDS = ("kmeans", "minmax")
 BITS_MODES = ("honest", "code")
@@ -44,8 +44,9 @@ class CMPQConfig:
     are ranked (activation = the paper, error = greedy on weighted k-means error, magnitude / random =
     ablations); allocation_scope: one budget per layer (the paper) or one for the whole model (bits flow to the
     layers whose weighted error they reduce most; needs allocation="error"); scope_error: with a model-wide
-    budget, compare layers by absolute weighted error or relative to the layer's output energy
-    sum_j s_j^2 ||W_:,j||^2; act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
+    budget, compare layers by absolute weighted error, relative to the layer's output energy
+    sum_j s_j^2 ||W_:,j||^2, or scaled to the loss increase the Fisher diagonal F predicts (summed squared
+    gradients of the calibration loss over the first `fisher_tokens` calibration tokens; `_fisher_scale`); act_outliers / q_outliers: fractions of the layer's weights kept in FP16; codebook: storage of
     codebook entries (fp16, or int8 codes of a per-layer FP16 scale and offset); grid: kmeans, or the
     min-max uniform grid per column (ablation); error_feedback: GPTQ's column-by-column error compensation
     with the per-column codebooks (Hessian X^T X, damping `damp`, columns by decreasing Hessian diagonal if
@@ -65,6 +66,7 @@ class CMPQConfig:
     damp: float = 0.01
     act_order: bool = True
     kmeans_iters: int = 100
+    fisher_tokens: int = 32768
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,7 +84,8 @@ class CMPQConfig:
         check(self.scope_error in SCOPE_ERRORS, "cmpq.scope_error", f"must be one of {SCOPE_ERRORS}",
               self.scope_error)
         check(self.allocation_scope == "layer" or self.allocation == "error", "cmpq.allocation_scope",
-              "'model' compares columns of different layers by weighted error: it needs allocation='error'",
+              "'model' compares columns of different layers by weighted error: it needs allocation='error' "
+              "(or allocation_scope='layer', --allocation-scope layer, with other allocations)",
               self.allocation_scope)
         for name in ("act_outliers", "q_outliers"):
             value = getattr(self, name)
@@ -94,17 +97,20 @@ class CMPQConfig:
         check(isinstance(self.damp, (int, float)) and 0 < self.damp < 1, "cmpq.damp", "must be in (0, 1)", self.damp)
         check(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 1, "cmpq.kmeans_iters",
               "must be an integer >= 1", self.kmeans_iters)
+        check(isinstance(self.fisher_tokens, int) and self.fisher_tokens >= 1, "cmpq.fisher_tokens",
+              "must be an integer >= 1", self.fisher_tokens)
 
 
-# Named option sets. "paper": the method as published. "best": the best setting measured on smollm2-135m at
-# 3.0 honest bpw (README, "explore @ 3.0" rows); the CLI uses it unless --preset says otherwise.
+# Named option sets. "paper": the method as published. "best": the best setting measured on smollm2-135m
+# (README, "explore @ 3.0" rows; the model-wide budget with Fisher-scaled layer errors from session 11's
+# measurements at 2.5 / 3 / 4 bpw); the CLI uses it unless --preset says otherwise.
 PRESETS: dict[str, dict[str, object]] = {
     "paper": {"bit_set": (1, 2, 3, 4, 5, 6, 7, 8), "allocation": "activation", "allocation_scope": "layer",
               "act_outliers": 0.0045, "q_outliers": 0.0005, "codebook": "fp16", "grid": "kmeans",
               "error_feedback": False},
 }
 PRESETS["best"] = {**PRESETS["paper"], "allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
-                   "error_feedback": True}
+                   "error_feedback": True, "allocation_scope": "model", "scope_error": "fisher"}
 
 
 def map_bits(columns: int, n_widths: int) -> int:
@@ -296,12 +302,34 @@ class CMPQ(Quantizer):
         return self.config.allocation_scope == "model"
 
     def measure_needs(self) -> frozenset[str]:
-        return frozenset({"col_sq_sum"})
+        return frozenset({"col_sq_sum", "grad_sq_sum"} if self.config.scope_error == "fisher" else {"col_sq_sum"})
+
+    def gradient_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """The first windows holding `fisher_tokens` tokens: one scale per layer needs far fewer than the
+        full calibration set, and the backward pass costs about three forward passes."""
+        return windows[: max(1, math.ceil(self.config.fisher_tokens / windows.shape[1]))]
+
+    def _fisher_scale(self, name: str, stats: LayerStats, values: torch.Tensor, act_mask: torch.Tensor,
+                      fits: dict[int, torch.Tensor], weighted: torch.Tensor) -> float:
+        """Loss increase per unit of activation-weighted error for one layer: the Fisher-weighted squared error
+        sum_ij F_ij (W_ij - Q(W)_ij)^2 of its columns' codebooks at every width over their activation-weighted
+        error. Scaling by it puts every layer's errors in the same units (predicted loss) while columns within
+        a layer stay ranked by the activation-weighted error, which is less noisy than a per-weight Fisher
+        estimated from a few windows."""
+        fisher = stats["grad_sq_sum"].float().T
+        if not bool(torch.isfinite(fisher).all()):
+            raise CmpqError(f"{name}: the Fisher diagonal (grad_sq_sum) has non-finite entries; if the "
+                            "calibration ran in bfloat16, try --calib-dtype float32")
+        by_fisher = SortedRows(values, ~act_mask.T, fisher.clamp(min=0))
+        loss = sum(float(by_fisher.sse(fits[b]).sum()) for b in self.config.bit_set)
+        return loss / max(float(weighted.sum()), 1e-30)
 
     def measure(self, name: str, weight: torch.Tensor, stats: LayerStats) -> None:
-        w, s, _, _, sorted_cols = self._prepare(weight, stats)
-        _, weighted = self._measure(sorted_cols, s)
-        if self.config.scope_error == "relative":
+        w, s, act_mask, values, sorted_cols = self._prepare(weight, stats)
+        fits, weighted = self._measure(sorted_cols, s)
+        if self.config.scope_error == "fisher":
+            weighted = weighted * self._fisher_scale(name, stats, values, act_mask, fits, weighted)
+        elif self.config.scope_error == "relative":
             weighted = weighted / (w.double().square().sum(dim=0) * s.double() ** 2).sum().clamp(min=1e-30)
         rows, columns = weight.shape
         fixed = 0.0
