@@ -19,7 +19,8 @@ from store import RESULTS, publish  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
 
-# name -> extra `cmpq quantize` flags (CMPQ's best preset underneath; a later --nsamples overrides the 32)
+# name -> extra `cmpq quantize` flags (CMPQ's best preset with a per-layer budget underneath, as every stored row
+# was measured before session 11 made the budget model-wide; a later --nsamples overrides the 32)
 RUNS: dict[str, list[str]] = {
     "none": [],
     "2 epochs, lr 1e-3": ["--finetune", "2", "--finetune-lr", "1e-3"],
@@ -40,7 +41,7 @@ def run(name: str, bits: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.jsonl"
         command = [sys.executable, "-m", "cmpq", "quantize", "--method", "cmpq", "--bits", str(bits),
-                   "--nsamples", "32", "--seqlen", "512", *RUNS[name], "--eval", "wikitext2", "--protocol", "quick",
+                   "--nsamples", "32", "--seqlen", "512", "--allocation-scope", "layer", *RUNS[name], "--eval", "wikitext2", "--protocol", "quick",
                    "--json", str(out), "--no-progress"]
         print(" ".join(command[1:]), flush=True)
         subprocess.run(command, check=True)
@@ -65,7 +66,7 @@ def _distill(record: dict) -> str:
 
 
 def render(records: list[dict]) -> str:
-    lines = ["CMPQ (best preset) on smollm2-135m, WikiText-2 quick protocol.", "",
+    lines = ["CMPQ (best preset, per-layer budget) on smollm2-135m, WikiText-2 quick protocol.", "",
              "| run | calibration | target bpw | honest bpw | WikiText-2 | quant s | blocks kept | "
              "median block error after/before | distill: held-out KL before -> kept (epoch) | commit |",
              "|---|---|---|---|---|---|---|---|---|---|"]

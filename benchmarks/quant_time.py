@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cmpq_table import BEST, PAPER  # noqa: E402
+from cmpq_table import BEST, BEST_FISHER, PAPER  # noqa: E402
 from store import RESULTS  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
@@ -41,19 +41,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=3.0)
     parser.add_argument("--runs", default="paper:quick,best:quick,best:default",
-                        help="comma-separated SETTING:CALIBRATION pairs")
+                        help="comma-separated SETTING:CALIBRATION pairs; SETTING: paper, best (per-layer budget), "
+                             "best-fisher (the preset since session 11)")
     parser.add_argument("--calib-dtype", default="auto", help="precision of the calibration forwards (auto = "
                         "bfloat16 where the CPU has native bfloat16 dot products, else float32)")
     args = parser.parse_args()
-    settings = {"paper": PAPER, "best": BEST}
+    settings = {"paper": PAPER, "best": BEST, "best-fisher": BEST_FISHER}
     records = []
     for run in args.runs.split(","):
         setting, calib = run.split(":")
         nsamples, seqlen = CALIBRATIONS[calib]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "r.jsonl"
+            # on top of the paper preset: a False boolean has no flag of its own
             command = [sys.executable, "-m", "cmpq", "quantize", "--method", "cmpq", "--bits", str(args.bits),
-                       *cli_options(settings[setting]), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+                       "--preset", "paper", *cli_options(settings[setting]), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
                        "--eval", "none", "--json", str(out), "--no-progress",
                        "--calib-dtype", args.calib_dtype]
             print(" ".join(command[1:]), flush=True)

@@ -140,16 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allocation", choices=("activation", "error", "magnitude", "random"),
                    help="cmpq: activation = the paper (columns with the largest ||X_j|| get the higher of the two "
                         "widths around the budget); error = greedy on activation-weighted k-means error per stored "
-                        "bit; magnitude / random = ablations (default: activation)")
+                        "bit; magnitude / random = ablations (default: error with the best preset, activation with "
+                        "--preset paper; a non-error allocation without --allocation-scope gets a per-layer budget)")
     q.add_argument("--allocation-scope", choices=("layer", "model"),
-                   help="cmpq: one bit budget per layer (default, the paper) or one for the whole model, bits "
-                        "flowing to the layers where they reduce the weighted error most (needs --allocation error; "
-                        "adds a measuring pass)")
+                   help="cmpq: one bit budget per layer (the paper) or one for the whole model, bits flowing to the "
+                        "layers where they reduce the weighted error most (needs --allocation error; adds a "
+                        "measuring pass; default: model with the best preset, layer with --preset paper)")
     q.add_argument("--scope-error", choices=("absolute", "relative", "fisher"),
                    help="cmpq with --allocation-scope model: compare layers by absolute activation-weighted error "
-                        "(default), relative to each layer's output energy, or scaled per layer to the loss increase "
-                        "the Fisher diagonal predicts (adds a backward pass over the first fisher_tokens=32768 "
-                        "calibration tokens)")
+                        "(the paper preset's), relative to each layer's output energy, or scaled per layer to the "
+                        "loss increase the Fisher diagonal predicts (the best preset's; adds a backward pass over "
+                        "the first fisher_tokens=32768 calibration tokens)")
     q.add_argument("--act-outliers", type=float,
                    help="cmpq: fraction of weights kept in FP16 by largest |W_ij|*||X_j|| (default: 0.0045)")
     q.add_argument("--q-outliers", type=float,
@@ -318,6 +319,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, field)
         if value is not None:
             options[field] = value
+    if options.get("allocation", "error") != "error" and "allocation_scope" not in options:
+        options["allocation_scope"] = "layer"  # the best preset's model-wide budget ranks by error: per layer then
     return {**options, **(args.options or {})}
 
 

@@ -31,8 +31,10 @@ from cmpq.quantizers import get_quantizer
 
 # compare name -> (registered method, preset, fixed options)
 TARGET_METHODS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
-    "cmpq": ("cmpq", "best", {}),                                # ours: best setting, with error feedback
-    "cmpq-noef": ("cmpq", "best", {"error_feedback": False}),    # what GPTQ's error feedback adds to CMPQ
+    # ours: the best setting with a per-layer budget (the preset until session 11; what the stored grid measured)
+    "cmpq": ("cmpq", "best", {"allocation_scope": "layer"}),
+    "cmpq-noef": ("cmpq", "best", {"allocation_scope": "layer", "error_feedback": False}),  # what error feedback adds
+    "cmpq-fisher": ("cmpq", "best", {}),  # the preset since session 11: model-wide budget, Fisher-scaled layers
     "cmpq-paper": ("cmpq", "paper", {}),                         # the method as published
     "llmmq": ("llmmq", None, {}),
 }

@@ -31,7 +31,8 @@ def head_quantizer(bits: float) -> Quantizer:
     if not 1 <= bits <= 8:
         raise ConfigError(f"--quantize-head must be between 1 and 8 bits per weight, got {bits}")
     value: float | int = int(bits) if float(bits).is_integer() else bits
-    return get_quantizer("cmpq", preset="best", bits=value, bit_set=HEAD_BIT_SET, allocation_scope="layer")
+    return get_quantizer("cmpq", preset="best", bits=value, bit_set=HEAD_BIT_SET, allocation_scope="layer",
+                         scope_error="absolute")
 
 
 def describe_head(name: str, qw: QuantizedWeight, quantizer: Quantizer) -> dict:

@@ -190,11 +190,13 @@ def _measure_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     backward pass, by layer name."""
     blocks = arch.blocks(model)
     needs = needs - set(GRADIENT_STATISTICS)
+    keep = bool(quantizer.needs() & set(GRADIENT_STATISTICS))  # else free each layer's gradients once measured
+    take = gradients.get if keep else gradients.pop
     if not needs:  # everything comes from the backward pass: no forward needed
         for index, block in enumerate(blocks):
             for name, linear in arch.block_linears(block).items():
                 full_name = f"{arch.blocks_path}.{index}.{name}"
-                quantizer.measure(full_name, linear.weight.data, LayerStats(values=dict(gradients.get(full_name, {}))))
+                quantizer.measure(full_name, linear.weight.data, LayerStats(values=dict(take(full_name, {}))))
         quantizer.plan()
         return
     inputs = capture_block_inputs(model, blocks[0], windows, dtype)
@@ -204,7 +206,7 @@ def _measure_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
         stats = _gather(blocks[index], linears, needs, inputs, hidden, out=spare)
         for name, linear in linears.items():
             full_name = f"{arch.blocks_path}.{index}.{name}"
-            stats[name].values.update(gradients.get(full_name, {}))
+            stats[name].values.update(take(full_name, {}))
             quantizer.measure(full_name, linear.weight.data, stats[name])
         hidden, spare = spare, hidden
     quantizer.plan()

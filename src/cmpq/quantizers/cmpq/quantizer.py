@@ -71,6 +71,8 @@ class CMPQConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bit_set", tuple(sorted(set(self.bit_set))))
+        if self.allocation_scope == "layer":  # scope_error only compares layers: one value, so records match
+            object.__setattr__(self, "scope_error", "absolute")
         check(isinstance(self.bits, (int, float)) and 0 < self.bits <= 16, "cmpq.bits", "must be a number in (0, 16]",
               self.bits)
         check(len(self.bit_set) > 0 and all(isinstance(b, int) and 1 <= b <= 8 for b in self.bit_set),
@@ -102,8 +104,8 @@ class CMPQConfig:
 
 
 # Named option sets. "paper": the method as published. "best": the best setting measured on smollm2-135m
-# (README, "explore @ 3.0" rows; the model-wide budget with Fisher-scaled layer errors from session 11's
-# measurements at 2.5 / 3 / 4 bpw); the CLI uses it unless --preset says otherwise.
+# (README, "explore @ 3.0" rows, and "Model-wide budget, Fisher-scaled" for the budget added in session 11);
+# the CLI uses it unless --preset says otherwise.
 PRESETS: dict[str, dict[str, object]] = {
     "paper": {"bit_set": (1, 2, 3, 4, 5, 6, 7, 8), "allocation": "activation", "allocation_scope": "layer",
               "act_outliers": 0.0045, "q_outliers": 0.0005, "codebook": "fp16", "grid": "kmeans",
@@ -315,7 +317,8 @@ class CMPQ(Quantizer):
         sum_ij F_ij (W_ij - Q(W)_ij)^2 of its columns' codebooks at every width over their activation-weighted
         error. Scaling by it puts every layer's errors in the same units (predicted loss) while columns within
         a layer stay ranked by the activation-weighted error, which is less noisy than a per-weight Fisher
-        estimated from a few windows."""
+        estimated from a few windows (measured: README, "Model-wide budget, Fisher-scaled"). The sums run over
+        every width of the bit set, so the narrowest widths, whose errors are largest, weigh most."""
         fisher = stats["grad_sq_sum"].float().T
         if not bool(torch.isfinite(fisher).all()):
             raise CmpqError(f"{name}: the Fisher diagonal (grad_sq_sum) has non-finite entries; if the "
