@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from cmpq.eval.chat_answers import answer_nll, chat_prompts, greedy_answers, repeated_ngram_share, score_answers
+from cmpq.eval.chat_answers import (answer_nll, chat_prompts, greedy_answers, plain_prompts, repeated_ngram_share,
+                                    score_answers)
 from cmpq.models.load import load_model
 
 
@@ -36,3 +37,12 @@ def test_a_model_scored_against_itself(tiny_dir):
     assert scores.prompts == 2 and scores.mean_tokens == sum(a.numel() for a in answers) / 2
     assert math.isclose(scores.teacher_ppl, scores.judge_ppl, rel_tol=1e-5)  # its own answers either way
     assert 0.0 <= scores.repeat4 <= 1.0 and 0.0 <= scores.ended <= 1.0
+
+
+def test_plain_prompts_are_the_texts_first_tokens(tiny_dir):
+    loaded = load_model(str(tiny_dir))
+    texts = ["one two three four five six seven eight nine ten", "a b"]
+    prompts = plain_prompts(loaded, texts, 4)
+    full = [loaded.tokenizer(t, return_tensors="pt").input_ids for t in texts]
+    assert torch.equal(prompts[0], full[0][:, :4]) and prompts[0].shape[1] == 4
+    assert torch.equal(prompts[1], full[1])  # shorter texts are kept whole

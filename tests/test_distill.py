@@ -35,9 +35,19 @@ def test_split_holds_out_the_last_windows():
 
 
 def test_config_is_checked():
-    for bad in ({"epochs": -1}, {"lr": 0}, {"topk": 0}, {"holdout": 1.0}, {"holdout": 0}):
+    for bad in ({"epochs": -1}, {"lr": 0}, {"topk": 0}, {"holdout": 1.0}, {"holdout": 0}, {"tokens": 0},
+                {"tokens": 2.5}):
         with pytest.raises(ConfigError):
             DistillConfig(**bad)
+
+
+def test_token_cap_takes_the_first_windows_and_at_least_two():
+    windows = torch.arange(10 * 4).reshape(10, 4)
+    assert torch.equal(DistillConfig().windows(windows), windows)  # no cap: all
+    assert torch.equal(DistillConfig(tokens=9).windows(windows), windows[:3])  # ceil(9 / 4)
+    assert torch.equal(DistillConfig(tokens=8).windows(windows), windows[:2])
+    assert torch.equal(DistillConfig(tokens=1).windows(windows), windows[:2])  # one trains, one is held out
+    assert torch.equal(DistillConfig(tokens=10**6).windows(windows), windows)
 
 
 def _quantized_tiny(windows):
@@ -168,6 +178,7 @@ def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     assert distill["epochs"] == 2 and distill["topk"] == 8 and len(distill["held_out_kl"]) == 3
     saved = json.loads((directory / "config.json").read_text())["quantization_config"]["distill"]
     assert saved["epoch_kept"] == distill["epoch_kept"]
+    assert distill["tokens"] is None and distill["train_windows"] == 7  # no cap: all 8 windows, one held out
     assert saved["held_out_kl_kept"] == distill["held_out_kl"][distill["epoch_kept"]]
     reloaded = load(directory)
     # the saved values are the distilled ones: the reloaded model scores the recorded held-out KL
@@ -187,6 +198,19 @@ def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     assert any(not torch.equal(p, original.get_parameter(n)) for n, p in norms.items())
     assert record["bpw"] == pytest.approx(json.loads((directory / "config.json").read_text())
                                           ["quantization_config"]["bpw"])
+
+
+def test_cli_distill_tokens_caps_the_windows(tiny_dir, tmp_path):
+    from cmpq.cli import main
+    from cmpq.eval.records import read_records
+
+    out = tmp_path / "r.jsonl"
+    argv = ["quantize", "--model", str(tiny_dir), "--bits", "2.5", "--nsamples", "8", "--seqlen", "32",
+            "--calib-dtype", "float32", "--eval", "none", "--no-progress", "--distill", "1", "--distill-topk", "8",
+            "--distill-tokens", "128", "--json", str(out)]
+    assert main(argv) == 0
+    distill = read_records(out)[-1]["calibration"]["distill"]
+    assert distill["tokens"] == 128 and distill["train_windows"] + distill["held_out_windows"] == 4
 
 
 def test_cli_refuses_distill_for_other_methods(capsys):

@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-topk", type=int, default=DistillConfig.topk, metavar="K",
                    help="the float model's top-K next-token probabilities per calibration token that the "
                         "distillation matches (default: %(default)s)")
+    q.add_argument("--distill-tokens", type=int, default=DistillConfig.tokens, metavar="N",
+                   help="distil on the first calibration windows holding N tokens (at least 2 windows; 1/8 of them "
+                        "held out); each costs a backward pass through the whole model, so the default "
+                        "calibration (128 x 2048) would take about an hour (default: all windows)")
     q.add_argument("--eval", type=_datasets, default=EVAL_DATASETS, metavar="DATASETS",
                    help="comma-separated perplexity datasets after quantizing (wikitext2, c4, or paths to UTF-8 text "
                         "files), or 'none' (default: wikitext2,c4)")
@@ -384,7 +388,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         finetune = FinetuneConfig(epochs=args.finetune, lr=args.finetune_lr, target=args.finetune_target)
         if finetune.epochs and args.method != "cmpq":
             raise ConfigError(f"--finetune trains the values of lookup-quantized layers (cmpq), not {args.method}'s")
-        distill = DistillConfig(epochs=args.distill, lr=args.distill_lr, topk=args.distill_topk)
+        distill = DistillConfig(epochs=args.distill, lr=args.distill_lr, topk=args.distill_topk,
+                                tokens=args.distill_tokens)
         if distill.epochs and args.method != "cmpq":
             raise ConfigError(f"--distill trains the values of lookup-quantized layers (cmpq), not {args.method}'s")
         eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)

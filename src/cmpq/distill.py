@@ -36,12 +36,15 @@ class DistillConfig:
     """epochs: passes over the training windows (0 = off); lr: Adam's step size, in units of each layer's
     weight RMS for the stored values and of each vector's RMS for the 1-D parameters; topk: teacher
     log-probabilities kept per token; holdout: fraction of the calibration windows (at least one) held out
-    to choose the epoch kept."""
+    to choose the epoch kept; tokens: distil on the first calibration windows holding this many tokens (None =
+    all of them), since a backward pass through the whole model costs several forwards per window and the
+    default calibration (128 x 2048) would take an hour."""
 
     epochs: int = 0
     lr: float = 1e-3
     topk: int = 128
     holdout: float = 0.125
+    tokens: int | None = None
 
     def __post_init__(self) -> None:
         check(isinstance(self.epochs, int) and self.epochs >= 0, "distill.epochs", "must be an integer >= 0",
@@ -50,6 +53,15 @@ class DistillConfig:
         check(isinstance(self.topk, int) and self.topk >= 1, "distill.topk", "must be an integer >= 1", self.topk)
         check(isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1, "distill.holdout",
               "must be a fraction in (0, 1)", self.holdout)
+        check(self.tokens is None or (isinstance(self.tokens, int) and self.tokens >= 1), "distill.tokens",
+              "must be an integer >= 1 or None (all calibration windows)", self.tokens)
+
+    def windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """The calibration windows (n, seqlen) that distillation uses: the first ones holding `tokens` tokens,
+        at least two so that one trains and one is held out when there are two."""
+        if self.tokens is None:
+            return windows
+        return windows[: max(2, math.ceil(self.tokens / windows.shape[1]))]
 
 
 def enabled(config: DistillConfig | None) -> bool:

@@ -61,7 +61,8 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
                       "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
     dtype = resolve_dtype(calib.dtype)
     start = time.perf_counter()
-    teacher = distillation.teacher_topk(loaded.model, windows, distill.topk, dtype, progress) if distilling else None
+    distill_windows = distill.windows(windows) if distilling else None
+    teacher = distillation.teacher_topk(loaded.model, distill_windows, distill.topk, dtype, progress) if distilling else None
     teacher_seconds = time.perf_counter() - start
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
                             progress=progress, dtype=dtype, head=head, finetune=finetune)
@@ -72,7 +73,7 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     if distilling:
         start = time.perf_counter()
         blocks = {name: qw for name, qw in result.layers.items() if name != result.head}
-        kept, record = distillation.distill_model(loaded.model, blocks, windows, teacher, distill, dtype,
+        kept, record = distillation.distill_model(loaded.model, blocks, distill_windows, teacher, distill, dtype,
                                                   seed=calib.seed, progress=progress)
         result.layers.update(kept)
         result.distill = {**config_to_dict(distill), **record}

@@ -142,6 +142,12 @@ def load_eval_text(name: str) -> tuple[str, str]:
     raise DataNotFoundError(f"unknown evaluation dataset '{name}'; choose wikitext2, c4 or a UTF-8 text file")
 
 
+def c4_eval_docs() -> tuple[list[str], str]:
+    """(C4 documents 0..999, source description): PROTOCOL's evaluation documents, never calibrated on."""
+    docs, where = _c4_docs()
+    return list(docs[C4_EVAL_DOCS.start:C4_EVAL_DOCS.stop]), f"{where} docs 0..999"
+
+
 def c4_calibration_docs() -> tuple[list[str], str]:
     """(C4 documents 1000..1999, source description): PROTOCOL's calibration documents."""
     docs, where = _c4_docs()

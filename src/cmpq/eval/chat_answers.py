@@ -1,6 +1,8 @@
-"""Numbers for chat answers, so "fluent" is measured rather than read off three samples.
+"""Numbers for chat answers and plain-text continuations, so "fluent" is measured rather than read off three
+samples.
 
-For a set of chat prompts, every model answers greedily; then
+For a set of prompts (chat turns, or openings of documents continued as plain text), every model answers
+greedily; then
 - `repeat4`: the share of an answer's token 4-grams already seen earlier in it (greedy loops score high);
 - `ended`: the share of answers that stop with the end-of-sequence token within the budget;
 - `teacher_ppl`: the model's perplexity of the float model's own answers (teacher-forced after the same
@@ -67,6 +69,12 @@ def greedy_answers(loaded: LoadedModel, prompts: list[torch.Tensor], max_new_tok
 def chat_prompts(loaded: LoadedModel, questions: list[str]) -> list[torch.Tensor]:
     """Each question as a user turn of the model's chat template, ready for the assistant's answer."""
     return [prompt_ids(loaded.tokenizer, q, chat=True) for q in questions]
+
+
+def plain_prompts(loaded: LoadedModel, texts: list[str], tokens: int) -> list[torch.Tensor]:
+    """The first `tokens` tokens of each text (1, t), to be continued as plain text (`cmpq generate` without
+    --chat)."""
+    return [prompt_ids(loaded.tokenizer, text, chat=False)[:, :tokens] for text in texts]
 
 
 def perplexity_of(model, prompts: list[torch.Tensor], answers: list[torch.Tensor]) -> float:
