@@ -26,6 +26,12 @@ PROMPTS = ("Write two sentences about the ocean.", "What is the capital of Franc
 PENALTIES = (1.0, 1.2)
 
 
+def _distilled(distill: dict) -> str:
+    """'distill 3 ep' plus the token cap when the run set one (`--distill-tokens`)."""
+    cap = f", {distill['tokens']} tokens" if distill.get("tokens") else ""
+    return f"distill {distill['epochs']} ep{cap}"
+
+
 def describe(path: str) -> str:
     """The model's name with its honest bpw and how its values were trained, from a saved config."""
     config = Path(path) / "config.json"
@@ -36,7 +42,7 @@ def describe(path: str) -> str:
     extras = ["model-wide Fisher-scaled budget" if (method.get("allocation_scope"), method.get("scope_error"))
               == ("model", "fisher") else "",
               f"finetune {quant['finetune']['epochs']} ep" if quant.get("finetune") else "",
-              f"distill {quant['distill']['epochs']} ep" if quant.get("distill") else "",
+              _distilled(quant["distill"]) if quant.get("distill") else "",
               f"head {quant['head']['bpw']:.2f} bpw" if quant.get("head") else "",
               f"{quant['calibration']['source']} calibration"
               if (quant.get("calibration") or {}).get("source", "c4") != "c4" else ""]

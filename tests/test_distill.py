@@ -179,6 +179,8 @@ def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     saved = json.loads((directory / "config.json").read_text())["quantization_config"]["distill"]
     assert saved["epoch_kept"] == distill["epoch_kept"]
     assert distill["tokens"] is None and distill["train_windows"] == 7  # no cap: all 8 windows, one held out
+    assert {k: saved[k] for k in ("tokens", "train_windows", "held_out_windows")} == {
+        "tokens": None, "train_windows": 7, "held_out_windows": 1}
     assert saved["held_out_kl_kept"] == distill["held_out_kl"][distill["epoch_kept"]]
     reloaded = load(directory)
     # the saved values are the distilled ones: the reloaded model scores the recorded held-out KL
@@ -207,10 +209,12 @@ def test_cli_distill_tokens_caps_the_windows(tiny_dir, tmp_path):
     out = tmp_path / "r.jsonl"
     argv = ["quantize", "--model", str(tiny_dir), "--bits", "2.5", "--nsamples", "8", "--seqlen", "32",
             "--calib-dtype", "float32", "--eval", "none", "--no-progress", "--distill", "1", "--distill-topk", "8",
-            "--distill-tokens", "128", "--json", str(out)]
+            "--distill-tokens", "128", "--json", str(out), "--out", str(tmp_path / "model")]
     assert main(argv) == 0
     distill = read_records(out)[-1]["calibration"]["distill"]
     assert distill["tokens"] == 128 and distill["train_windows"] + distill["held_out_windows"] == 4
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]["distill"]
+    assert saved["tokens"] == 128 and saved["train_windows"] == distill["train_windows"]
 
 
 def test_cli_refuses_distill_for_other_methods(capsys):

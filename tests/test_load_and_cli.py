@@ -1,6 +1,7 @@
 """Model loading errors and the command line, on tiny models saved to temporary directories."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -185,7 +186,11 @@ def test_cli_cmpq_then_inspect(tiny_dir, tmp_path, capsys):
     run(["inspect", str(out)])
     text = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in text and "honest" in text
-    assert (tmp_path / "cmpq.widths.png").stat().st_size > 1000
+    png = tmp_path / "cmpq.widths.png"
+    assert png.stat().st_size > 1000 and png.read_bytes().startswith(b"\x89PNG")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert png.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
 
 
 def test_inspect_rejects_a_record_without_layers(tmp_path, capsys):

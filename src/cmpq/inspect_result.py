@@ -5,11 +5,10 @@ Reads the per-layer summaries that `cmpq quantize --json FILE` stores in each re
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from cmpq.atomic import atomic_write
 from cmpq.errors import CmpqError
 from cmpq.eval.records import read_records
 
@@ -72,13 +71,7 @@ def write_heatmap(record: dict[str, Any], path: str | Path) -> Path:
                  fontsize=8)
     fig.colorbar(image, ax=ax, label="share of input channels")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=150))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path

@@ -123,7 +123,8 @@ def _distill_entry(result: QuantizationResult) -> dict | None:
     """How the stored values were distilled end to end (`cmpq.distill`), or None."""
     if result.distill is None:
         return None
-    keys = ("epochs", "lr", "topk", "holdout", "epoch_kept", "diverged_at_epoch")
+    keys = ("epochs", "lr", "topk", "holdout", "tokens", "train_windows", "held_out_windows", "epoch_kept",
+            "diverged_at_epoch")
     return {**{key: result.distill[key] for key in keys if key in result.distill},
             "held_out_kl_kept": result.distill["held_out_kl"][result.distill["epoch_kept"]]}
 
