@@ -81,6 +81,15 @@ def test_an_existing_directory_is_not_overwritten_without_asking(quantized, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temporary or backup directories left
 
 
+def test_saved_files_get_the_umask_modes_not_the_temporary_directorys(quantized):
+    from cmpq.atomic import ordinary_mode
+
+    loaded, result, directory = quantized
+    assert directory.stat().st_mode & 0o777 == ordinary_mode(directory=True)  # mkdtemp made it 0700
+    for path in directory.iterdir():
+        assert path.stat().st_mode & 0o777 == ordinary_mode(path.is_dir()), path.name
+
+
 def copy_dir(source, target):
     import shutil
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from cmpq.atomic import ordinary_mode
 from cmpq.config import config_to_dict
 from cmpq.errors import CmpqError, FormatError, ModelNotFoundError
 from cmpq.head import describe_head
@@ -150,7 +151,9 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
         config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
+        for path in tmp.rglob("*"):
+            os.chmod(path, ordinary_mode(path.is_dir()))
+        os.chmod(tmp, ordinary_mode(directory=True))
         _fsync_tree(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
