@@ -20,7 +20,8 @@ from store import RESULTS, publish  # noqa: E402
 from cmpq.eval.records import read_records  # noqa: E402
 
 # name -> extra `cmpq quantize` flags (CMPQ's best preset with a per-layer budget underneath, as every stored row
-# was measured before session 11 made the budget model-wide; a later --nsamples overrides the 32)
+# was measured before session 11 made the budget model-wide; a later --nsamples overrides the 32, a run's
+# --distill the "0" that keeps the others as they were measured before distillation became the default)
 RUNS: dict[str, list[str]] = {
     "none": [],
     "2 epochs, lr 1e-3": ["--finetune", "2", "--finetune-lr", "1e-3"],
@@ -41,8 +42,8 @@ def run(name: str, bits: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.jsonl"
         command = [sys.executable, "-m", "cmpq", "quantize", "--method", "cmpq", "--bits", str(bits),
-                   "--nsamples", "32", "--seqlen", "512", "--allocation-scope", "layer", *RUNS[name], "--eval", "wikitext2", "--protocol", "quick",
-                   "--json", str(out), "--no-progress"]
+                   "--nsamples", "32", "--seqlen", "512", "--allocation-scope", "layer", "--distill", "0",
+                   *RUNS[name], "--eval", "wikitext2", "--protocol", "quick", "--json", str(out), "--no-progress"]
         print(" ".join(command[1:]), flush=True)
         subprocess.run(command, check=True)
         record = read_records(out)[-1]

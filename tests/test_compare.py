@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,9 @@ def test_cells_carry_complete_configs_that_match_their_records():
     calib = compare.calibration("quick", "float32")
     assert (calib.nsamples, calib.seqlen) == (32, 512)
     assert cells["cmpq"].key("m", calib, "quick") != cells["cmpq-noef"].key("m", calib, "quick")
+    # every cmpq cell is the quantizer alone: distillation (the CLI's default for the best preset) is off
+    command = compare.command(cells["cmpq"], "m", calib, "quick", Path("s.jsonl"), None, False)
+    assert command[command.index("--distill") + 1] == "0"
 
 
 def test_bad_methods_and_targets_fail_before_any_work():

@@ -43,7 +43,7 @@ def test_config_is_checked():
 
 def test_token_cap_takes_the_first_windows_and_at_least_two():
     windows = torch.arange(10 * 4).reshape(10, 4)
-    assert torch.equal(DistillConfig().windows(windows), windows)  # no cap: all
+    assert torch.equal(DistillConfig(tokens=None).windows(windows), windows)  # no cap: all
     assert torch.equal(DistillConfig(tokens=9).windows(windows), windows[:3])  # ceil(9 / 4)
     assert torch.equal(DistillConfig(tokens=8).windows(windows), windows[:2])
     assert torch.equal(DistillConfig(tokens=1).windows(windows), windows[:2])  # one trains, one is held out
@@ -171,7 +171,7 @@ def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     out, directory = tmp_path / "r.jsonl", tmp_path / "model"
     argv = ["quantize", "--model", str(tiny_dir), "--bits", "2.5", "--nsamples", "8", "--seqlen", "32",
             "--calib-dtype", "float32", "--eval", "none", "--no-progress", "--distill", "2", "--distill-lr", "1e-2",
-            "--distill-topk", "8", "--json", str(out), "--out", str(directory)]
+            "--distill-topk", "8", "--distill-tokens", "all", "--json", str(out), "--out", str(directory)]
     assert main(argv) == 0
     record = read_records(out)[-1]
     distill = record["calibration"]["distill"]
@@ -215,6 +215,21 @@ def test_cli_distill_tokens_caps_the_windows(tiny_dir, tmp_path):
     assert distill["tokens"] == 128 and distill["train_windows"] + distill["held_out_windows"] == 4
     saved = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]["distill"]
     assert saved["tokens"] == 128 and saved["train_windows"] == distill["train_windows"]
+
+
+@pytest.mark.parametrize("flags, epochs, tokens", [
+    ([], 3, 65536),  # cmpq's best preset distils by default
+    (["--preset", "paper"], 0, 65536),  # the paper's method exactly
+    (["--method", "rtn", "--bits", "3"], 0, 65536),
+    (["--distill", "0"], 0, 65536),
+    (["--preset", "paper", "--distill", "2", "--distill-tokens", "all"], 2, None),
+])
+def test_cli_distillation_defaults_follow_the_method_and_preset(flags, epochs, tokens):
+    from cmpq.cli import _distill_config, build_parser
+
+    args = build_parser().parse_args(["quantize", "--bits", "2.5", *flags])
+    config = _distill_config(args, args.preset or "best")
+    assert (config.epochs, config.tokens) == (epochs, tokens)
 
 
 def test_cli_refuses_distill_for_other_methods(capsys):

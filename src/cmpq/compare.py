@@ -153,6 +153,8 @@ def command(cell: Cell, model: str, calib: CalibConfig, protocol: str, store: Pa
                 "--options", json.dumps(cell.options), "--calib", calib.source, "--nsamples", str(calib.nsamples),
                 "--seqlen", str(calib.seqlen), "--seed", str(calib.seed), "--calib-dtype", calib.dtype,
                 "--protocol", protocol, "--json", str(store)]
+        if cell.method == "cmpq":
+            cmd += ["--distill", "0"]  # the grid compares quantizers; model-wide training is measured apart
     cmd += extras.args()
     if threads:
         cmd += ["--threads", str(threads)]
