@@ -48,7 +48,7 @@ def ensure_models(names: list[str]) -> list[Path]:
     for name in names:
         path = MODELS / name
         if not (path / "model.safetensors").is_file() or saved_version(path) != FORMAT_VERSION:
-            # no distillation: it changes stored values, not the format or the speed, and costs ~25 min
+            # no distillation: it changes stored values, not the format or the speed, and would add minutes per model
             cmpq("quantize", *VARIANTS[name], "--nsamples", "32", "--seqlen", "512", "--eval", "none",
                  "--distill", "0", "--out", str(path), "--overwrite", "--no-progress")
         paths.append(path)

@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration tokens so that its next-token distribution matches the float model's (KL on "
                         "the float model's top-k tokens); some windows are held out and the best epoch by their KL "
                         "is kept, or none if none helps (lookup methods: cmpq). 0 = off. Default: 3 with cmpq's "
-                        "best preset (it turns 2.5 bpw loops into sentences; about 25 minutes for smollm2 on 2 "
-                        "cores), 0 with --preset paper and other methods")
+                        "best preset (it turns 2.5 bpw loops into sentences; about 28 minutes for smollm2 on 2 "
+                        "cores at the default calibration), 0 with --preset paper and other methods")
     q.add_argument("--distill-lr", type=float, default=DistillConfig.lr, metavar="LR",
                    help="distillation step size, in units of each layer's weight RMS for the stored values and of "
                         "each vector's RMS for the norm weights and biases (default: %(default)s)")
