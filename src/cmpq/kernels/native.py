@@ -200,7 +200,7 @@ def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entr
         raise ValueError(f"packed codes must be 16-bit (groups, sum of widths), got {codes.dtype} {tuple(codes.shape)}")
     sizes = 2 ** widths.long()
     offsets = torch.cumsum(sizes, 0) - sizes
-    # LUT-GEMV tables repeat narrow columns' entries to 16, so the kernel's look-up needs no index mask
+    # AVX2's batch-1 LUT-GEMV tables repeat narrow columns' entries to 16, so its look-up needs no index mask
     slots = sizes.clamp(min=16)
     position = torch.empty(cols, dtype=torch.int64)  # stored position of each original column
     position[order.long()] = torch.arange(cols)
