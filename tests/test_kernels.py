@@ -191,6 +191,10 @@ def test_kernel_benchmark_writes_ratios_and_bandwidth(tmp_path):
     assert (tmp_path / "kernels.jsonl").read_text().count("\n") == 4
     assert "% copy" in (tmp_path / "kernels.md").read_text()
     assert all(0 < r["copy_fraction"] for r in records)
+    one_token = [r for r in records if r["batch"] == 1]
+    if native.int8_supported():  # the int8 tables are timed for one token only
+        assert all(r["int8_ms"] > 0 and r["int8_copy_fraction"] > 0 for r in one_token)
+    assert all(r["int8_ms"] is None for r in records if r["batch"] != 1)
 
 
 def test_copy_fraction_pairs_each_timed_run_with_the_copy_after_it(monkeypatch):
@@ -228,3 +232,84 @@ def test_copies_and_pickles_of_a_used_layer_do_not_share_its_kernel_view():
     torch.testing.assert_close(clone(x), expected)
     buffer.seek(0)
     torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), expected)
+
+
+INT8 = pytest.mark.skipif(not native.int8_supported(), reason="int8 tables need AVX-512 VBMI + VNNI")
+
+
+@INT8
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "w" + "".join(map(str, m)))
+@pytest.mark.parametrize("shape", SHAPES + [(1100, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_table_kernel_matches_its_reference(mix, shape):
+    """Every width mix (wide columns stay float), odd shapes, runs not multiples of a quad or a block, with and
+    without outliers, 1 and 2 threads."""
+    rows, cols = shape
+    for nnz in ((rows * cols) // 50, 0):
+        layer = random_layer(rows, cols, mix, nnz=nnz, seed=rows + len(mix))
+        module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
+        prepared = module.prepare_native()
+        x = torch.randn(1, cols, generator=torch.Generator().manual_seed(cols))
+        expected = native.int8_reference(prepared, x, module.bias)
+        for threads in (1, 2):
+            got = prepared.gemv_int8(x, module.bias.float().contiguous(), threads)
+            scale = expected.abs().max().item() + 1.0
+            assert (got - expected).abs().max().item() <= 1e-5 * scale * cols ** 0.5, (nnz, threads)
+
+
+def test_int8_reference_rounds_each_blocks_products_to_8_bits_and_leaves_wide_columns_exact():
+    """Against the exact layer: within half a step (the block's largest product / 127) per narrow column, and
+    equal when every column is wider than 4 bits."""
+    rows, cols = 70, 100
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(5))
+    for mix, exact_expected in (([1, 2, 3, 4], False), ([5, 6], True)):
+        module = CMPQLinear.from_weight(random_layer(rows, cols, mix, nnz=rows * cols // 50, seed=2))
+        prepared = module.prepare_native()
+        exact = torch.nn.functional.linear(x, module.dequantize())
+        got = native.int8_reference(prepared, x)
+        if exact_expected:
+            torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+            continue
+        qw = module.quantized_weight()
+        largest = (qw.codebooks.abs().amax(1) * x.abs()).amax(1)  # a bound on every block's largest product
+        bound = 0.5 * largest / 127 * cols
+        assert ((got - exact).abs().amax(1) <= bound).all()
+        assert (got - exact).abs().max() > 0  # it does round
+
+
+def test_pack_quads_puts_row_r_column_c_at_bits_4r_plus_c_times_w():
+    codes = torch.randint(0, 8, (32, 6), generator=torch.Generator().manual_seed(0))
+    packed = native.pack_quads(codes, 3)
+    assert packed.shape == (2, 2 * 8 * 3)  # 2 groups, 2 quads (6 columns padded to 8) of 24 bytes
+    for g in range(2):
+        for quad in range(2):
+            data = packed[g, quad * 24:(quad + 1) * 24].tolist()
+            bits = sum(b << (8 * i) for i, b in enumerate(data))
+            for r in range(16):
+                for c in range(4):
+                    col = quad * 4 + c
+                    want = int(codes[16 * g + r, col]) if col < 6 else 0
+                    assert (bits >> ((4 * r + c) * 3)) & 7 == want
+
+
+@INT8
+def test_layer_int8_tables_apply_to_one_token_only_and_bad_modes_are_errors(monkeypatch):
+    layer = random_layer(64, 96, [2, 3, 4], nnz=60)
+    module = CMPQLinear.from_weight(layer)
+    module.kernel = "native"
+    one, two = torch.randn(1, 96), torch.randn(2, 96)
+    exact_one, exact_two = module(one), module(two)
+    module.tables = "int8"
+    torch.testing.assert_close(module(one), native.int8_reference(module.prepare_native(), one), rtol=1e-5, atol=1e-4)
+    assert not torch.equal(module(one), exact_one)
+    assert torch.equal(module(two), exact_two)  # batches keep exact float tables
+    module.tables = None
+    monkeypatch.setenv("CMPQ_TABLES", "int8")
+    assert not torch.equal(module(one), exact_one)
+    monkeypatch.setenv("CMPQ_TABLES", "int4")
+    with pytest.raises(ValueError, match="float or int8"):
+        module(one)
+    monkeypatch.setenv("CMPQ_TABLES", "int8")
+    monkeypatch.setattr(native, "int8_supported", lambda: False)
+    native.warn_int8_unsupported.cache_clear()
+    with pytest.warns(UserWarning, match="VBMI and VNNI"):
+        assert torch.equal(module(one), exact_one)

@@ -8,6 +8,7 @@ import torch
 
 import cmpq
 from cmpq.errors import CmpqError, FormatError
+from cmpq.kernels import native
 from cmpq.models.arch import find_arch
 from cmpq.models.load import LoadedModel
 from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
@@ -157,6 +158,12 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().err
     assert main(["generate", "--model", str(out), "--prompt", "hello", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
+    assert main(["generate", "--model", str(source), "--prompt", "hello", "--tables", "int8"]) == 2
+    assert "no CMPQ layers" in capsys.readouterr().err
+    if native.int8_supported():
+        assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "5",
+                     "--tables", "int8"]) == 0
+        assert "tokens/s" in capsys.readouterr().err
 
 
 def test_chat_prompts_go_through_the_template(quantized):
@@ -179,10 +186,14 @@ def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path
 
     source = save_tiny(tmp_path / "tiny", "llama")
     _, _, directory = quantized
-    records = run([str(source), str(directory)], tmp_path / "out", new_tokens=6, repeats=2)
+    records = run([str(source), str(directory), f"{directory}:int8"], tmp_path / "out", new_tokens=6, repeats=2)
     assert [r["speedup"] for r in records][0] == 1.0 and records[1]["tokens_per_second"] > 0
     assert records[1]["bpw"] is not None and records[1]["profile"]
+    assert records[2]["model"].endswith(":int8") and records[2]["tokens_per_second"] > 0
     assert "tokens/s" in (tmp_path / "out" / "decode.md").read_text()
+    assert "(int8 tables)" in (tmp_path / "out" / "decode.md").read_text()
+    with pytest.raises(ValueError, match="int8 tables apply to CMPQ"):
+        run([f"{source}:int8"], tmp_path / "out2", new_tokens=2, repeats=1)
 
 
 def test_decode_benchmark_alternates_models_and_takes_the_median_of_per_round_ratios(monkeypatch):

@@ -84,12 +84,23 @@ def _exit(module, args, output) -> None:
     _SPANS.pop().__exit__(None, None, None)
 
 
+def load_for_decode(spec: str) -> LoadedModel:
+    """A model spec, where DIR:int8 loads DIR with int8 look-up tables in its CMPQ layers."""
+    from cmpq.packed.cmpq_layer import use_tables
+
+    path = spec.removesuffix(":int8")
+    loaded = load_model(path)
+    if spec.endswith(":int8") and use_tables(loaded.model, "int8") == 0:
+        raise ValueError(f"{spec}: int8 tables apply to CMPQ-quantized models, and {path} has none")
+    return loaded
+
+
 def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: int = 5) -> list[dict]:
     """Decode speed of each model (the first is the reference the others are compared with); all models are loaded
     at once, so that their generations can alternate."""
     from cmpq.eval.records import environment
 
-    loaded = [load_model(spec) for spec in models]
+    loaded = [load_for_decode(spec) for spec in models]
     records = []
     for spec, model, speed in zip(models, loaded, interleaved_speeds(loaded, new_tokens, repeats)):
         quant = getattr(model.model.config, "quantization_config", None)
@@ -109,7 +120,8 @@ def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: i
         ops = ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in r["profile"][:4])
         bpw = "-" if r["bpw"] is None else f"{r['bpw']:.3f}"
         head = "float" if r.get("head_bpw") is None else f"{r['head_bpw']:.3f}"
-        name = Path(r["model"]).name if Path(r["model"]).is_dir() else r["model"]
+        spec = r["model"].removesuffix(":int8")
+        name = (Path(spec).name if Path(spec).is_dir() else spec) + (" (int8 tables)" if r["model"].endswith(":int8") else "")
         lines.append(f"| {name} | {bpw} | {head} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f} | {ops} |")
     (out / "decode.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return records

@@ -5,7 +5,8 @@ Layers are random CMPQ layers in the packed format at 2.5 / 3 / 4 code bits per 
 at 2 bits, half at 3), with 0.5% FP16 outliers as CMPQ's defaults store. Times are medians over repeats after
 a warm-up; the achieved weight bandwidth counts the bytes of the packed weights (bit planes, codebooks,
 outliers as stored), and its fraction of the copy bandwidth pairs each timed run with a copy timed right after
-it (`paired_copy_fraction`).
+it (`paired_copy_fraction`). One-token cells also time the opt-in int8 look-up tables (`tables = "int8"`,
+approximate) where the CPU has them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from cmpq.kernels import native
 from cmpq.packed.cmpq_layer import CMPQLinear
 from cmpq.packed.synthetic import mixed_widths, random_cmpq_layer
 
@@ -97,6 +99,8 @@ class KernelResult:
     weight_bytes: int
     copy_gbps: float      # median of the copies timed right after each timed run of ours_s
     copy_fraction: float  # median over those rounds of (weight bytes / our time) / copy bandwidth
+    int8_s: float | None = None              # one token with int8 look-up tables (where the CPU has them)
+    int8_copy_fraction: float | None = None
 
     def as_dict(self) -> dict:
         return {"rows": self.shape[0], "cols": self.shape[1], "bits": self.bits, "batch": self.batch,
@@ -104,7 +108,10 @@ class KernelResult:
                 "bf16_ms": self.bf16_s * 1e3, "speedup_vs_fp32": self.fp32_s / self.ours_s,
                 "speedup_vs_bf16": self.bf16_s / self.ours_s, "bf16_speedup_vs_bf16": self.bf16_s / self.ours_bf16_s,
                 "weight_bytes": self.weight_bytes, "weight_gbps": self.weight_bytes / self.ours_s / 1e9,
-                "copy_gbps": self.copy_gbps, "copy_fraction": self.copy_fraction}
+                "copy_gbps": self.copy_gbps, "copy_fraction": self.copy_fraction,
+                "int8_ms": None if self.int8_s is None else self.int8_s * 1e3,
+                "int8_speedup_vs_fp32": None if self.int8_s is None else self.fp32_s / self.int8_s,
+                "int8_copy_fraction": self.int8_copy_fraction}
 
 
 def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repeats: int,
@@ -123,7 +130,12 @@ def measure(shape: tuple[int, int], bits: float, batches: tuple[int, ...], repea
             x = torch.randn(batch, cols)
             x_bf16 = x.bfloat16()
             ours_s, copy_gbps, fraction = paired_copy_fraction(lambda: module(x), weight_bytes, reference, repeats)
-            results.append(KernelResult(
+            int8_s = int8_fraction = None
+            if batch == 1 and native.int8_supported():
+                module.tables = "int8"
+                int8_s, _, int8_fraction = paired_copy_fraction(lambda: module(x), weight_bytes, reference, repeats)
+                module.tables = None
+            results.append(KernelResult(int8_s=int8_s, int8_copy_fraction=int8_fraction,
                 shape=shape, bits=bits, batch=batch, weight_bytes=weight_bytes, copy_gbps=copy_gbps,
                 copy_fraction=fraction, ours_s=ours_s,
                 ours_bf16_s=median_seconds(lambda: module(x_bf16), repeats),
@@ -137,15 +149,19 @@ def render(records: list[dict], threads: int, isa: str) -> str:
     lines = [f"Kernel vs torch F.linear on the same shapes, same process; median of repeats; {threads} threads; "
              f"ISA {isa}. % copy: the median over rounds of our weight bytes per second over a 256 MB tensor copy "
              f"timed right after it in the same round (copy medians {min(copies):.1f}-{max(copies):.1f} GB/s in "
-             f"this run).", "",
+             f"this run). int8: one token with the opt-in int8 look-up tables (approximate), timed and paired the "
+             f"same way; '-' where not measured.", "",
              "| shape (out x in) | bits | batch | ours ms | fp32 ms | bf16 ms | x fp32 | x bf16 | ours, bf16 in: ms | "
-             "its x bf16 | weight GB/s | % copy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "its x bf16 | weight GB/s | % copy | int8 ms | int8 x fp32 | int8 % copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        int8 = ("- | - | -" if r.get("int8_ms") is None else
+                f"{r['int8_ms']:.3f} | {r['int8_speedup_vs_fp32']:.2f} | {100 * r['int8_copy_fraction']:.0f}%")
         lines.append(f"| {r['rows']}x{r['cols']} | {r['bits']:g} | {r['batch']} | {r['ours_ms']:.3f} | "
                      f"{r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | {r['speedup_vs_fp32']:.2f} | "
                      f"{r['speedup_vs_bf16']:.2f} | {r['ours_bf16_ms']:.3f} | {r['bf16_speedup_vs_bf16']:.2f} | "
                      f"{r['weight_gbps']:.1f} | "
-                     f"{100 * r['copy_fraction']:.0f}% |")
+                     f"{100 * r['copy_fraction']:.0f}% | {int8} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +174,6 @@ def run(out_dir, shapes: list[tuple[int, int]], bits: tuple[float, ...], batches
     from tqdm.auto import tqdm
 
     from cmpq.eval.records import environment
-    from cmpq.kernels import native
 
     if not native.supported_isas():
         raise RuntimeError("the native kernels are not built: nothing to benchmark")

@@ -801,3 +801,231 @@ int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, i
     free(L.run);
     return 0;
 }
+
+/* ---- int8 look-up tables (opt-in, approximate): one token, AVX-512 with VBMI and VNNI ----
+ * Columns of up to 4 bits, in blocks of 32 stored columns of one width, get int8 tables: q_i[c] =
+ * round(codebook_i[c] * x_i * 127 / m), m the block's largest |codebook_i[c] * x_i| (so each product is rounded
+ * to 8 bits of its block's largest), and the block's int32 sums are scaled by m / 127 into the float
+ * accumulators. Wider columns, the outliers and the bias stay exact. A 64-byte vpermb table holds 64 / 2^w
+ * columns, and per 16 rows x 4 columns (64 weights) the loop does one vpermb spreading the codes (rows 2q and
+ * 2q + 1 of the 4 columns, w bytes, to 64-bit lane q), one vpmultishiftqb (one code per byte), one vpternlogd
+ * (mask and column slot), one vpermb look-up and one vpdpbusd (each row's 4 values summed into its int32 lane):
+ * about 1.3 instructions per 16 weights against 3 for float tables (benchmarks/microbench/int8_tables.c).
+ * Codes in their own layout (codes8, made by cmpq/kernels/native.py): per 16-row group, for each run of width
+ * w <= 4 in stored order, ceil(n / 4) quads of 8 w bytes, column c of a quad and row r at bits (4 r + c) w;
+ * `stride8` bytes per group, plus 64 bytes of padding at the end. */
+#ifdef CMPQ_X86
+#define T512I __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni")))
+#define INT8_BLOCK 32
+#define INT8_MAX_W 4
+#endif
+
+int cmpq_int8_supported(void) {
+#ifdef CMPQ_X86
+    return cmpq_isa_supported(2) && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+/* bytes of int8 tables and number of blocks of a layer's columns of up to 4 bits (widths in stored order) */
+static void int8_sizes(const uint8_t *widths, int64_t cols, int64_t *bytes, int64_t *blocks) {
+    *bytes = *blocks = 0;
+    for (int64_t i = 0; i < cols;) {
+        int64_t j = i;
+        while (j < cols && widths[j] == widths[i]) ++j;
+        if (widths[i] <= 4) {
+            const int64_t nb = (j - i + 31) / 32;
+            *blocks += nb;
+            *bytes += nb * ((int64_t)32 << widths[i]);
+        }
+        i = j;
+    }
+}
+
+void cmpq_int8_sizes(const uint8_t *widths, int64_t cols, int64_t *out) { int8_sizes(widths, cols, out, out + 1); }
+
+#ifdef CMPQ_X86
+/* int8 tables and scales of blocks [b0, b1) of run k's blocks (first stored column a, n columns, width w) */
+T512I static void build_int8_run(const layer_t *L, const float *x, const float *amax, int64_t a, int64_t n, int w,
+                                 int8_t *T8, float *scales, int64_t b0, int64_t b1) {
+    const int entries = 1 << w;
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t first = a + b * INT8_BLOCK, m = n - b * INT8_BLOCK < INT8_BLOCK ? n - b * INT8_BLOCK : INT8_BLOCK;
+        float top = 0.0f;
+        for (int64_t i = 0; i < m; ++i) {
+            const float xv = x[L->order[first + i]], v = amax[first + i] * (xv < 0 ? -xv : xv);
+            top = v > top ? v : top;
+        }
+        const float inv = top > 0.0f ? 127.0f / top : 0.0f;
+        scales[b] = top / 127.0f;
+        int8_t *t = T8 + b * ((int64_t)INT8_BLOCK << w);
+        const __mmask16 lanes = (__mmask16)((1u << entries) - 1);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+        for (int64_t s = 0; s < INT8_BLOCK; ++s) {
+            if (s >= m) {
+                memset(t + s * entries, 0, (size_t)entries);
+                continue;
+            }
+            const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, L->codebooks + L->cb_offset[first + s]),
+                                              _mm512_set1_ps(x[L->order[first + s]]));
+            /* nearest, ties to even (the MXCSR default), as torch.round in the reference */
+            const __m512i q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(prod, vinv)), hi), lo);
+            _mm512_mask_cvtepi32_storeu_epi8(t + s * entries, lanes, q);
+        }
+    }
+}
+
+/* One run of n columns of width W <= 4 for NG groups: p8 at the run's codes in the first group (stride8 bytes per
+ * group), T8 / scales at the run's first block. */
+T512I static inline AI void seg_int8(const int8_t *T8, const float *scales, int64_t n, const uint8_t *p8,
+                                     int64_t stride8, __m512 acc[8], const int NG, const int W) {
+    uint8_t spread[64], shift[64], slot[64];
+    for (int q = 0; q < 8; ++q)
+        for (int b = 0; b < 8; ++b) spread[8 * q + b] = (uint8_t)(q * W + (b < W ? b : 0));
+    for (int r = 0; r < GROUP; ++r)
+        for (int c = 0; c < 4; ++c) {
+            shift[4 * r + c] = (uint8_t)(((r & 1) * 4 + c) * W);
+            slot[4 * r + c] = (uint8_t)(c << W);
+        }
+    const __m512i vspread = _mm512_loadu_si512(spread), vshift = _mm512_loadu_si512(shift);
+    const __m512i vslot = _mm512_loadu_si512(slot), mask = _mm512_set1_epi8((char)((1 << W) - 1));
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int per_table = 16 >> W;  /* quads per 64-byte table register */
+    const int64_t quads = (n + 3) / 4;
+    for (int64_t q0 = 0, b = 0; q0 < quads; q0 += INT8_BLOCK / 4, ++b) {
+        __m512i sum[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NG; ++j) sum[j] = _mm512_setzero_si512();
+        const int64_t q1 = q0 + INT8_BLOCK / 4 < quads ? q0 + INT8_BLOCK / 4 : quads;
+        for (int64_t q = q0; q < q1; ++q) {
+            const int64_t in_block = q - q0;
+            const __m512i table = _mm512_loadu_si512(T8 + b * ((int64_t)INT8_BLOCK << W) + (in_block / per_table) * 64);
+            const __m512i vs = _mm512_add_epi8(vslot, _mm512_set1_epi8((char)((in_block % per_table) * (4 << W))));
+            const uint8_t *p = p8 + q * 8 * W;
+#pragma GCC unroll 4
+            for (int j = 0; j < NG; ++j) {
+                const __m512i codes = _mm512_permutexvar_epi8(vspread, _mm512_loadu_si512(p + j * stride8));
+                /* (code & mask) | slot: A = codes, B = mask, C = slot -> (A & B) | C = 0xEA */
+                const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(vshift, codes), mask, vs, 0xEA);
+                sum[j] = _mm512_dpbusd_epi32(sum[j], ones, _mm512_permutexvar_epi8(idx, table));
+            }
+        }
+        const __m512 s = _mm512_set1_ps(scales[b]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NG; ++j) acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[j]), s, acc[j]);
+    }
+}
+
+typedef struct {
+    const uint8_t *codes8;
+    int64_t stride8;
+    const int8_t *T8;
+    const float *scales;
+    int64_t t8off[9], boff[9], c8off[9];  /* per run: its tables, first block and codes within a group */
+} int8_view_t;
+
+/* groups [g, g + NG), one token: narrow runs from int8 tables, wider ones from the float tables T */
+T512I static inline AI void gemv1_int8(const layer_t *L, const int8_view_t *V, const float *T, float *y, int64_t g,
+                                       const int NG) {
+    __m512 acc[8];
+#pragma GCC unroll 4
+    for (int j = 0; j < NG; ++j) acc[j] = _mm512_setzero_ps();
+    const uint16_t *p = L->codes + g * L->words;
+    const uint8_t *p8 = V->codes8 + g * V->stride8;
+    for (int64_t k = 0; k < L->nruns; ++k) {
+        const int64_t i = L->run[k], n = L->run[k + 1] - i;
+        const int w = L->widths[i];
+        const int8_t *t8 = V->T8 + V->t8off[k];
+        const float *sc = V->scales + V->boff[k];
+        const uint8_t *q8 = p8 + V->c8off[k];
+        const float *t = T + L->toff[i];
+        switch (w) {
+            case 1: seg_int8(t8, sc, n, q8, V->stride8, acc, NG, 1); p += n; break;
+            case 2: seg_int8(t8, sc, n, q8, V->stride8, acc, NG, 2); p += 2 * n; break;
+            case 3: seg_int8(t8, sc, n, q8, V->stride8, acc, NG, 3); p += 3 * n; break;
+            case 4: seg_int8(t8, sc, n, q8, V->stride8, acc, NG, 4); p += 4 * n; break;
+            case 5: p = seg512(t, n, p, L->words, acc, NG, 5); break;
+            case 6: p = seg512(t, n, p, L->words, acc, NG, 6); break;
+            case 7: p = seg512(t, n, p, L->words, acc, NG, 7); break;
+            default: p = seg512(t, n, p, L->words, acc, NG, 8); break;
+        }
+    }
+    for (int j = 0; j < NG; ++j) _mm512_mask_storeu_ps(y + (g + j) * GROUP, rows_mask(L, g + j), acc[j]);
+}
+
+T512I static void gemv_int8_groups(const layer_t *L, const int8_view_t *V, const float *T, float *y, int64_t g,
+                                   int64_t g1) {
+    for (; g + 4 <= g1; g += 4) gemv1_int8(L, V, T, y, g, 4);
+    for (; g < g1; ++g) gemv1_int8(L, V, T, y, g, 1);
+}
+#endif
+
+/* y (1, rows) = x (1, cols) W^T (+ bias) with int8 tables for the columns of up to 4 bits (see above). tables:
+ * float scratch as for cmpq_lut_gemv (used by the wider columns); tables8 / scales: scratch of at least the
+ * bytes / blocks that cmpq_int8_sizes gives; amax (cols): each stored column's largest |codebook entry|.
+ * Returns 0, -1 when the CPU lacks AVX-512 VBMI + VNNI or a scratch is too small, -2 when out of memory. */
+int cmpq_lut_gemv_int8(const float *x, float *y, float *tables, int64_t table_size, int8_t *tables8,
+                       int64_t tables8_size, float *scales, int64_t scales_size, int64_t rows, int64_t cols,
+                       const uint16_t *codes, const uint8_t *codes8, int64_t stride8, const int32_t *order,
+                       const uint8_t *widths, const float *codebooks, const int64_t *cb_offset, const float *amax,
+                       const int32_t *orow, const int32_t *ocol, const float *odelta, const float *bias,
+                       int nthreads) {
+#ifdef CMPQ_X86
+    if (!cmpq_int8_supported()) return -1;
+    int64_t need8, nblocks;
+    int8_sizes(widths, cols, &need8, &nblocks);
+    if (need8 > tables8_size || nblocks > scales_size) return -1;
+    int64_t last = 0;  /* float tables of 2^w entries at cb_offset: the end of the last column's */
+    if (cols > 0) last = cb_offset[cols - 1] + ((int64_t)1 << widths[cols - 1]);
+    if (last > table_size) return -1;
+    layer_t L;
+    make_layer(&L, rows, cols, codes, order, widths, codebooks, cb_offset, orow, ocol, odelta, bias);
+    if (find_runs(&L) != 0) return -2;
+    int8_view_t V = {codes8, stride8, tables8, scales, {0}, {0}, {0}};
+    for (int64_t k = 0, t8 = 0, b = 0, c8 = 0; k < L.nruns; ++k) {
+        const int64_t n = L.run[k + 1] - L.run[k];
+        const int w = widths[L.run[k]];
+        V.t8off[k] = t8; V.boff[k] = b; V.c8off[k] = c8;
+        if (w <= INT8_MAX_W) {
+            const int64_t nb = (n + INT8_BLOCK - 1) / INT8_BLOCK;
+            t8 += nb * ((int64_t)INT8_BLOCK << w);
+            b += nb;
+            c8 += (n + 3) / 4 * 8 * w;
+        }
+    }
+    const int threads = threads_for(nthreads);
+    const int64_t chunks = (L.groups + 3) / 4;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t i0, i1;
+        for (int64_t k = 0; k < L.nruns; ++k) {  /* each thread its share of every run's columns or blocks */
+            const int64_t a = L.run[k], n = L.run[k + 1] - a;
+            const int w = widths[a];
+            if (w > INT8_MAX_W) {  /* wide columns: float tables */
+                thread_share(n, &i0, &i1);
+                build_tables256(&L, x, 1, tables, table_size, a + i0, a + i1);
+                continue;
+            }
+            int64_t b0, b1;
+            thread_share((n + INT8_BLOCK - 1) / INT8_BLOCK, &b0, &b1);
+            build_int8_run(&L, x, amax, a, n, w, tables8 + V.t8off[k], scales + V.boff[k], b0, b1);
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t g0 = 4 * c, g1 = g0 + 4 < L.groups ? g0 + 4 : L.groups;
+            gemv_int8_groups(&L, &V, tables, y, g0, g1);
+            add_outliers_and_bias(&L, x, 1, y, g0 * GROUP, g1 * GROUP < rows ? g1 * GROUP : rows);
+        }
+    }
+    free(L.run);
+    return 0;
+#else
+    (void)x; (void)y; (void)tables; (void)table_size; (void)tables8; (void)tables8_size; (void)scales;
+    (void)scales_size; (void)rows; (void)cols; (void)codes; (void)codes8; (void)stride8; (void)order; (void)widths;
+    (void)codebooks; (void)cb_offset; (void)amax; (void)orow; (void)ocol; (void)odelta; (void)bias; (void)nthreads;
+    return -1;
+#endif
+}

@@ -3,6 +3,8 @@
 The library is built by the package install (setup.py); when it is missing, `library()` returns None and warns
 once, and quantized layers use the PyTorch reference path. `CMPQ_KERNEL=reference|native|auto` forces a
 path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
+`CMPQ_TABLES=int8` (or a layer's `tables = "int8"`) opts one-token calls into int8 look-up tables where the CPU
+has AVX-512 VBMI and VNNI: about 2x faster, approximate (`int8_reference` is the exact definition).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cmpq.calibration.precision import native_bfloat16
-from cmpq.packed.codes import codes_at
+from cmpq.packed.codes import codes_at, unpack_codes
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 MAX_BATCH = 8  # tokens per LUT-GEMV call (the kernel's register blocking)
@@ -49,6 +51,12 @@ def library() -> ctypes.CDLL | None:
     lib.cmpq_isa_supported.argtypes = [i32]
     lib.cmpq_isa_supported.restype = i32
     lib.cmpq_best_isa.restype = i32
+    lib.cmpq_int8_supported.restype = i32
+    lib.cmpq_int8_sizes.argtypes = [p, i64, p]
+    lib.cmpq_int8_sizes.restype = None
+    lib.cmpq_lut_gemv_int8.argtypes = [p, p, p, i64, p, i64, p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, p,
+                                       p, i32]
+    lib.cmpq_lut_gemv_int8.restype = i32
     return lib
 
 
@@ -65,6 +73,30 @@ def supported_isas() -> tuple[str, ...]:
     """Instruction sets the kernels can use on this CPU (empty if the library is missing)."""
     lib = library()
     return tuple(name for name, code in ISAS.items() if lib is not None and lib.cmpq_isa_supported(code))
+
+
+@functools.cache
+def int8_supported() -> bool:
+    """Whether the int8-table kernel can run here (AVX-512 with VBMI and VNNI)."""
+    lib = library()
+    return lib is not None and bool(lib.cmpq_int8_supported())
+
+
+TABLE_MODES = ("float", "int8")
+
+
+def table_mode(requested: str | None = None) -> str:
+    """Look-up tables of one-token calls: `requested`, else $CMPQ_TABLES, else float (exact)."""
+    mode = requested or os.environ.get("CMPQ_TABLES", "float")
+    if mode not in TABLE_MODES:
+        raise ValueError(f"look-up tables must be float or int8 (CMPQ_TABLES / tables), not '{mode}'")
+    return mode
+
+
+@functools.cache
+def warn_int8_unsupported() -> None:
+    warnings.warn("int8 look-up tables need AVX-512 with VBMI and VNNI, which this CPU lacks; using float tables",
+                  stacklevel=3)
 
 
 def kernel_mode() -> str:
@@ -143,6 +175,28 @@ class PreparedLayer:
                        _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.table_offset), _ptr(self.orow),
                        _ptr(self.ocol), _ptr(self.odelta))
 
+    def int8_view(self) -> "Int8Layer":
+        """The int8-table kernel's extra data, made on first use (a second copy of the narrow columns' codes)."""
+        view = getattr(self, "_int8", None)
+        if view is None:
+            view = self._int8 = int8_layer(self)
+        return view
+
+    def gemv_int8(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int = 0) -> torch.Tensor:
+        """x (1, cols) float32 contiguous -> (1, rows) with int8 tables for the columns of up to 4 bits."""
+        v = self.int8_view()
+        if v.blocks == 0:  # no column of up to 4 bits: the float kernel computes the same, with its own passes
+            return self.gemv(x, bias, ISAS["avx512"], threads)
+        y = torch.empty(1, self.rows, dtype=torch.float32)
+        tables = _tables(self.table_size + _PAD)
+        scratch8, scales = _int8_scratch(v.table_bytes + 64, v.blocks + 1)
+        status = library().cmpq_lut_gemv_int8(x.data_ptr(), y.data_ptr(), tables.data_ptr(), self.table_size,
+                                              scratch8.data_ptr(), scratch8.numel(), scales.data_ptr(),
+                                              scales.numel(), *v.fixed, _ptr(bias), threads)
+        if status != 0:
+            raise RuntimeError(f"cmpq_lut_gemv_int8 failed ({status})")
+        return y
+
     def gemv(self, x: torch.Tensor, bias: torch.Tensor | None, isa: int = -1, threads: int = 0) -> torch.Tensor:
         """x (batch, cols) float32 contiguous -> (batch, rows), in LUT-GEMV calls of up to MAX_BATCH tokens."""
         batch = x.shape[0]
@@ -188,6 +242,112 @@ class PreparedLayer:
                  for g0 in range(0, groups, per_tile)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return y if bias is None else y + bias.to(y.dtype)
+
+
+INT8_BLOCK = 32   # stored columns per int8 scale (lut_kernels.c)
+INT8_MAX_WIDTH = 4
+
+
+@dataclass
+class Int8Layer:
+    """The int8-table kernel's view of a layer: the codes of its columns of up to 4 bits in quads (see
+    lut_kernels.c), and each stored column's largest |codebook entry|."""
+
+    codes8: torch.Tensor   # (groups * stride8 + 64,) uint8
+    stride8: int
+    amax: torch.Tensor     # (cols,) float32
+    table_bytes: int
+    blocks: int
+    fixed: tuple = ()      # the kernel's arguments from rows to odelta, taken once
+
+
+
+def width_runs(widths: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first, end, width) of each run of equal width in stored order."""
+    runs, w = [], widths.tolist()
+    start = 0
+    for i in range(1, len(w) + 1):
+        if i == len(w) or w[i] != w[start]:
+            runs.append((start, i, w[start]))
+            start = i
+    return runs
+
+
+def pack_quads(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """(groups * 16, n) codes of one width -> (groups, quads * 8 * width) uint8: per 16-row group, quads of 4
+    columns, row r and column c of a quad at bits (4 r + c) * width (rows 2q, 2q + 1 in bytes q*w .. q*w + w - 1)."""
+    rows, n = codes.shape
+    groups, quads = rows // 16, -(-n // 4)
+    padded = torch.zeros(rows, quads * 4, dtype=torch.int64)
+    padded[:, :n] = codes
+    pairs = padded.view(groups, 8, 2, quads, 4)
+    shifts = ((torch.arange(2).view(2, 1) * 4 + torch.arange(4).view(1, 4)) * width).view(1, 1, 2, 1, 4)
+    value = (pairs << shifts).sum(dim=(2, 4))                                   # (groups, 8, quads): 8w bits
+    data = torch.stack([(value >> (8 * b)) & 0xFF for b in range(width)], -1)   # (groups, 8, quads, w)
+    return data.permute(0, 2, 1, 3).reshape(groups, quads * 8 * width).to(torch.uint8)
+
+
+def int8_layer(prepared: "PreparedLayer") -> Int8Layer:
+    widths = prepared.widths.long()
+    groups = -(-prepared.rows // 16)
+    words = int(widths.sum())
+    dense = torch.zeros(groups * 16, prepared.cols, dtype=torch.int64)
+    if prepared.rows and prepared.cols:
+        packed = prepared.codes[: groups * words].view(groups, words)
+        dense[: prepared.rows] = unpack_codes(packed, widths, prepared.rows)
+    parts = [pack_quads(dense[:, a:b], w) for a, b, w in width_runs(widths) if w <= INT8_MAX_WIDTH]
+    codes8 = torch.cat(parts, 1) if parts else torch.zeros(groups, 0, dtype=torch.uint8)
+    amax = torch.zeros(prepared.cols, dtype=torch.float32)
+    for w in torch.unique(widths).tolist():
+        cols = (widths == w).nonzero()[:, 0]
+        index = prepared.cb_offset[cols].unsqueeze(1) + torch.arange(2 ** w)
+        amax[cols] = prepared.codebooks[index].abs().amax(1)
+    sizes = torch.zeros(2, dtype=torch.int64)
+    library().cmpq_int8_sizes(_ptr(prepared.widths), prepared.cols, sizes.data_ptr())
+    view = Int8Layer(codes8=torch.cat([codes8.reshape(-1), torch.zeros(64, dtype=torch.uint8)]),
+                     stride8=codes8.shape[1], amax=amax, table_bytes=int(sizes[0]), blocks=int(sizes[1]))
+    p = prepared
+    view.fixed = (p.rows, p.cols, _ptr(p.codes), _ptr(view.codes8), view.stride8, _ptr(p.order), _ptr(p.widths),
+                  _ptr(p.codebooks), _ptr(p.cb_offset), _ptr(view.amax), _ptr(p.orow), _ptr(p.ocol), _ptr(p.odelta))
+    return view
+
+
+def _int8_scratch(nbytes: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's int8 tables and block scales, kept between calls like the float tables."""
+    pair = getattr(_scratch, "int8", None)
+    if pair is None or pair[0].numel() < nbytes or pair[1].numel() < blocks:
+        pair = _scratch.int8 = (torch.empty(max(nbytes, 64), dtype=torch.int8), torch.empty(max(blocks, 1)))
+    return pair
+
+
+def int8_reference(prepared: "PreparedLayer", x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the int8-table kernel computes, in plain PyTorch (the definition its test checks): per token, each
+    column of up to 4 bits looks up round(codebook * x * 127 / m) * m / 127, m the largest |codebook * x| of its
+    block of 32 stored columns of one width; wider columns, outliers (value minus the entry they replace, times x)
+    and bias are exact. x (tokens, cols) -> (tokens, rows)."""
+    widths = prepared.widths.long()
+    groups = -(-prepared.rows // 16)
+    words = int(widths.sum())
+    packed = prepared.codes[: groups * words].view(groups, words)
+    codes = unpack_codes(packed, widths, prepared.rows)                           # (rows, cols) stored order
+    xs = x.float()[:, prepared.order.long()]
+    y = torch.zeros(x.shape[0], prepared.rows)
+    for a, b, w in width_runs(widths):
+        index = prepared.cb_offset[a:b].unsqueeze(1) + torch.arange(2 ** w)
+        entries = prepared.codebooks[index]                                    # (n, 2^w)
+        for start in range(a, b, INT8_BLOCK if w <= INT8_MAX_WIDTH else b - a):
+            end = min(b, start + INT8_BLOCK) if w <= INT8_MAX_WIDTH else b
+            tables = entries[start - a:end - a].unsqueeze(0) * xs[:, start:end].unsqueeze(-1)  # (tokens, m, 2^w)
+            if w <= INT8_MAX_WIDTH:
+                top = tables.abs().amax(dim=(1, 2), keepdim=True)
+                inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+                q = torch.round(tables * inv).clamp(-127, 127)
+                y += (q.gather(2, codes[:, start:end].T.unsqueeze(0).expand(x.shape[0], -1, -1)).sum(1)) * (top / 127).view(-1, 1)
+            else:
+                y += tables.gather(2, codes[:, start:end].T.unsqueeze(0).expand(x.shape[0], -1, -1)).sum(1)
+    rows = torch.repeat_interleave(torch.arange(prepared.rows), (prepared.orow[1:] - prepared.orow[:-1]).long())
+    y.index_add_(1, rows, x.float()[:, prepared.ocol.long()] * prepared.odelta)
+    return y if bias is None else y + bias.float()
 
 
 def prepare(codes: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, entries: torch.Tensor,

@@ -204,12 +204,22 @@ class PackedLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
 
+def use_tables(model: nn.Module, mode: str) -> int:
+    """Set the look-up tables ("float" or "int8") of every CMPQ layer of `model`; returns how many layers."""
+    native.table_mode(mode)  # validates
+    layers = [m for m in model.modules() if isinstance(m, CMPQLinear)]
+    for layer in layers:
+        layer.tables = mode
+    return len(layers)
+
+
 class CMPQLinear(PackedLinear):
     """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file).
 
     Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for few tokens, dequantized tiles and
     dense matmuls for more, in bfloat16 when the input is) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
-    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either."""
+    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either. `tables` ("float", "int8";
+    default: $CMPQ_TABLES or float) opts one-token native calls into approximate int8 look-up tables."""
 
     def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None) -> None:
@@ -220,6 +230,7 @@ class CMPQLinear(PackedLinear):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.kernel: str | None = None  # None: $CMPQ_KERNEL, else "auto"
         self.isa: str | None = None     # None: $CMPQ_ISA, else the best this CPU has
+        self.tables: str | None = None  # None: $CMPQ_TABLES, else float
         self._native = None
 
     @classmethod
@@ -256,7 +267,14 @@ class CMPQLinear(PackedLinear):
         if x2.dtype != dtype or not x2.is_contiguous():
             x2 = x2.to(dtype).contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
-        y = prepared.gemv(x2, bias, isa, threads) if lut else prepared.matmul(x2, bias, isa, threads)
+        int8 = tokens == 1 and native.table_mode(self.tables) == "int8"
+        if int8 and not native.int8_supported():
+            native.warn_int8_unsupported()
+            int8 = False
+        if int8:
+            y = prepared.gemv_int8(x2, bias, threads)
+        else:
+            y = prepared.gemv(x2, bias, isa, threads) if lut else prepared.matmul(x2, bias, isa, threads)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == y.dtype else y.to(x.dtype)
 
