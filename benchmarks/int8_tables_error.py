@@ -2,14 +2,14 @@
 
 The batch-1 LUT-GEMV builds, per token, tables T_j[c] = C_j[c] * x_j. `benchmarks/microbench/int8_tables.c`
 shows that tables rounded to int8 (one scale per block of stored columns of one width: the block's largest
-|T| / 127) would run the loop about 2x faster. This script emulates exactly that rounding in PyTorch, for the
-columns of up to 4 bits (wider columns stay exact, as they would in such a kernel), on the inputs each linear
+|T| / 127) run the loop about 2x faster. This script applies the kernel's definition (`native.int8_reference`:
+columns of up to 4 bits, blocks of 32, wider columns exact) to the inputs each linear
 layer sees when the saved model reads the first tokens of WikiText-2 test, and reports per layer:
 
   int8 err  ||y_int8 - y|| / ||y||   the rounding's error against the exact packed layer y
   quant err ||y - y_float|| / ||y_float||   the quantization's own error against the float model's layer
 
-Run: `python benchmarks/int8_tables_error.py runs/smollm2-3bit [--tokens 64] [--block 32]`; writes
+Run: `python benchmarks/int8_tables_error.py runs/smollm2-3bit [--tokens 64]`; writes
 `benchmarks/results/int8_tables_error.{jsonl,md}` and the README block of that name.
 """
 
@@ -25,47 +25,11 @@ import torch
 import cmpq
 from cmpq.data.sources import WIKITEXT2_TEST, find_data_file, wikitext2_rows
 from cmpq.models.load import load_model
-from cmpq.packed.cmpq_layer import CMPQLinear, stored_order
+from cmpq.kernels import native
+from cmpq.packed.cmpq_layer import CMPQLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from store import publish  # noqa: E402
-
-INT8_MAX_WIDTH = 4  # a 64-byte vpermb table holds 4 or more columns' entries up to 4 bits
-
-
-def int8_table_output(layer: CMPQLinear, x: torch.Tensor, block: int) -> torch.Tensor:
-    """y (tokens, rows) of `layer` with int8-rounded tables for its columns of up to 4 bits (outliers and wider
-    columns exact), as an int8-table kernel would compute it."""
-    qw = layer.quantized_weight()
-    order = stored_order(qw.widths)
-    widths = qw.widths.long()[order]
-    codebooks = qw.codebooks[order]                       # (in, K) stored order
-    codes = qw.codes[:, order].long()                     # (rows, in)
-    xs = x[:, order]                                      # (tokens, in)
-    tables = codebooks.unsqueeze(0) * xs.unsqueeze(-1)    # (tokens, in, K)
-    valid = torch.arange(codebooks.shape[1]) < (2 ** widths).unsqueeze(1)  # (in, K)
-    # blocks of `block` stored columns, split where the width changes
-    starts = [0]
-    for i in range(1, widths.numel()):
-        if widths[i] != widths[i - 1] or i - starts[-1] == block:
-            starts.append(i)
-    starts.append(widths.numel())
-    rounded = tables.clone()
-    for a, b in zip(starts[:-1], starts[1:]):
-        if widths[a] > INT8_MAX_WIDTH:
-            continue
-        part = tables[:, a:b] * valid[a:b]
-        scale = part.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1e-30) / 127
-        rounded[:, a:b] = torch.round(part / scale).clamp(-127, 127) * scale
-    # y[t, r] = sum_j rounded[t, j, codes[r, j]]
-    y = torch.stack([rounded[t].gather(1, codes.T).sum(0) for t in range(x.shape[0])])
-    dense = qw.dequantize()                               # outliers: value - replaced entry, times x, exact
-    replaced = qw.codebooks.gather(1, qw.codes.T.long()).T
-    delta = torch.zeros_like(dense)
-    delta[qw.outlier_rows, qw.outlier_cols] = dense[qw.outlier_rows, qw.outlier_cols] - \
-        replaced[qw.outlier_rows, qw.outlier_cols]
-    y = y + x @ delta.T
-    return y if layer.bias is None else y + layer.bias.float()
 
 
 def layer_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,7 +55,6 @@ def main() -> None:
     parser.add_argument("model", help="directory saved by `cmpq quantize --out`")
     parser.add_argument("--float-model", default="smollm2-135m", help="the float model it was quantized from")
     parser.add_argument("--tokens", type=int, default=64, help="WikiText-2 test tokens read (default 64)")
-    parser.add_argument("--block", type=int, default=32, help="stored columns per int8 scale (default 32)")
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = cmpq.load(args.model)
@@ -108,7 +71,7 @@ def main() -> None:
             x = inputs[name]
             exact = module.quantized_weight().dequantize()
             y = x @ exact.T + (0 if module.bias is None else module.bias.float())
-            y8 = int8_table_output(module, x, args.block)
+            y8 = native.int8_reference(module.prepare_native(), x, module.bias)
             row = {"layer": name, "shape": list(exact.shape),
                    "int8_err": ((y8 - y).norm() / y.norm()).item()}
             if name in float_modules and hasattr(float_modules[name], "weight"):
@@ -117,8 +80,8 @@ def main() -> None:
             rows.append(row)
             print(f"{name:40s} int8 err {row['int8_err']:.5f}  quant err {row.get('quant_err', float('nan')):.5f}")
     ratio = [r["int8_err"] / r["quant_err"] for r in rows if r.get("quant_err")]
-    summary = (f"{args.model}, {ids.shape[1]} WikiText-2 test tokens, int8 scale per {args.block} stored columns of "
-               f"one width (columns up to {INT8_MAX_WIDTH} bits): int8 err median {statistics.median(r['int8_err'] for r in rows):.5f}, "
+    summary = (f"{args.model}, {ids.shape[1]} WikiText-2 test tokens, int8 scale per {native.INT8_BLOCK} stored columns of "
+               f"one width (columns up to {native.INT8_MAX_WIDTH} bits): int8 err median {statistics.median(r['int8_err'] for r in rows):.5f}, "
                f"max {max(r['int8_err'] for r in rows):.5f}; int8 err / quant err median {statistics.median(ratio):.4f}, "
                f"max {max(ratio):.4f} over {len(rows)} layers")
     worst = sorted(rows, key=lambda r: -r["int8_err"])[:10]
@@ -126,7 +89,7 @@ def main() -> None:
     lines += [f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['int8_err']:.5f} | {r.get('quant_err', float('nan')):.5f} |"
               for r in worst]
     records = [{"benchmark": "int8_tables_error", "model": args.model, "tokens": int(ids.shape[1]),
-                "block": args.block, **row} for row in rows]
+                "block": native.INT8_BLOCK, **row} for row in rows]
     publish("int8_tables_error", records, "\n".join(lines) + "\n")
 
 

@@ -470,7 +470,6 @@ def _kld_config(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from cmpq.generate import generate
     from cmpq.models.load import load_model
-
     from cmpq.packed.cmpq_layer import use_tables
 
     loaded = load_model(args.model)

@@ -175,6 +175,12 @@ class PreparedLayer:
                        _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.table_offset), _ptr(self.orow),
                        _ptr(self.ocol), _ptr(self.odelta))
 
+    def dense_codes(self) -> torch.Tensor:
+        """(rows, cols) int64 codes in stored column order, unpacked from the kernel's copy."""
+        widths = self.widths.long()
+        groups, words = -(-self.rows // 16), int(widths.sum())
+        return unpack_codes(self.codes[: groups * words].view(groups, words), widths, self.rows)
+
     def int8_view(self) -> "Int8Layer":
         """The int8-table kernel's extra data, made on first use (a second copy of the narrow columns' codes)."""
         view = getattr(self, "_int8", None)
@@ -258,8 +264,7 @@ class Int8Layer:
     amax: torch.Tensor     # (cols,) float32
     table_bytes: int
     blocks: int
-    fixed: tuple = ()      # the kernel's arguments from rows to odelta, taken once
-
+    fixed: tuple           # the kernel's arguments from rows to odelta, taken once
 
 
 def width_runs(widths: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -290,11 +295,9 @@ def pack_quads(codes: torch.Tensor, width: int) -> torch.Tensor:
 def int8_layer(prepared: "PreparedLayer") -> Int8Layer:
     widths = prepared.widths.long()
     groups = -(-prepared.rows // 16)
-    words = int(widths.sum())
     dense = torch.zeros(groups * 16, prepared.cols, dtype=torch.int64)
     if prepared.rows and prepared.cols:
-        packed = prepared.codes[: groups * words].view(groups, words)
-        dense[: prepared.rows] = unpack_codes(packed, widths, prepared.rows)
+        dense[: prepared.rows] = prepared.dense_codes()
     parts = [pack_quads(dense[:, a:b], w) for a, b, w in width_runs(widths) if w <= INT8_MAX_WIDTH]
     codes8 = torch.cat(parts, 1) if parts else torch.zeros(groups, 0, dtype=torch.uint8)
     amax = torch.zeros(prepared.cols, dtype=torch.float32)
@@ -304,12 +307,12 @@ def int8_layer(prepared: "PreparedLayer") -> Int8Layer:
         amax[cols] = prepared.codebooks[index].abs().amax(1)
     sizes = torch.zeros(2, dtype=torch.int64)
     library().cmpq_int8_sizes(_ptr(prepared.widths), prepared.cols, sizes.data_ptr())
-    view = Int8Layer(codes8=torch.cat([codes8.reshape(-1), torch.zeros(64, dtype=torch.uint8)]),
-                     stride8=codes8.shape[1], amax=amax, table_bytes=int(sizes[0]), blocks=int(sizes[1]))
-    p = prepared
-    view.fixed = (p.rows, p.cols, _ptr(p.codes), _ptr(view.codes8), view.stride8, _ptr(p.order), _ptr(p.widths),
-                  _ptr(p.codebooks), _ptr(p.cb_offset), _ptr(view.amax), _ptr(p.orow), _ptr(p.ocol), _ptr(p.odelta))
-    return view
+    flat = torch.cat([codes8.reshape(-1), torch.zeros(64, dtype=torch.uint8)])
+    p, stride8 = prepared, codes8.shape[1]
+    fixed = (p.rows, p.cols, _ptr(p.codes), _ptr(flat), stride8, _ptr(p.order), _ptr(p.widths), _ptr(p.codebooks),
+             _ptr(p.cb_offset), _ptr(amax), _ptr(p.orow), _ptr(p.ocol), _ptr(p.odelta))
+    return Int8Layer(codes8=flat, stride8=stride8, amax=amax, table_bytes=int(sizes[0]), blocks=int(sizes[1]),
+                     fixed=fixed)
 
 
 def _int8_scratch(nbytes: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,10 +329,7 @@ def int8_reference(prepared: "PreparedLayer", x: torch.Tensor, bias: torch.Tenso
     block of 32 stored columns of one width; wider columns, outliers (value minus the entry they replace, times x)
     and bias are exact. x (tokens, cols) -> (tokens, rows)."""
     widths = prepared.widths.long()
-    groups = -(-prepared.rows // 16)
-    words = int(widths.sum())
-    packed = prepared.codes[: groups * words].view(groups, words)
-    codes = unpack_codes(packed, widths, prepared.rows)                           # (rows, cols) stored order
+    codes = prepared.dense_codes()
     xs = x.float()[:, prepared.order.long()]
     y = torch.zeros(x.shape[0], prepared.rows)
     for a, b, w in width_runs(widths):
