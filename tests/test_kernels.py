@@ -302,11 +302,21 @@ def test_layer_int8_tables_apply_to_one_token_only_and_bad_modes_are_errors(monk
     torch.testing.assert_close(module(one), native.int8_reference(module.prepare_native(), one), rtol=1e-5, atol=1e-4)
     assert not torch.equal(module(one), exact_one)
     assert torch.equal(module(two), exact_two)  # batches keep exact float tables
+    int8_one = module(one)
     module.tables = None
     monkeypatch.setenv("CMPQ_TABLES", "int8")
-    assert not torch.equal(module(one), exact_one)
+    assert torch.equal(module(one), int8_one)
+    monkeypatch.delenv("CMPQ_TABLES")  # the default, auto: int8 tables on the AVX-512 path
+    assert torch.equal(module(one), int8_one)
+    if "avx2" in native.supported_isas():  # a forced AVX2 path keeps its exact tables under auto, not under int8
+        module.isa = "avx2"
+        exact_avx2 = torch.nn.functional.linear(one, module.dequantize())
+        torch.testing.assert_close(module(one), exact_avx2, rtol=1e-5, atol=1e-5)
+        module.tables = "int8"
+        assert torch.equal(module(one), int8_one)
+        module.tables, module.isa = None, None
     monkeypatch.setenv("CMPQ_TABLES", "int4")
-    with pytest.raises(ValueError, match="float or int8"):
+    with pytest.raises(ValueError, match="auto, float or int8"):
         module(one)
     monkeypatch.setenv("CMPQ_TABLES", "int8")
     monkeypatch.setattr(native, "int8_supported", lambda: False)

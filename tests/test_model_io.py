@@ -180,18 +180,23 @@ def test_chat_prompts_go_through_the_template(quantized):
     assert "hello" in tokenizer.decode(chat[0]) and "user" in tokenizer.decode(chat[0])
 
 
-def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path):
+def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path, monkeypatch):
     from cmpq.bench.decode import run
     from cmpq.models.tiny import save_tiny
 
     source = save_tiny(tmp_path / "tiny", "llama")
     _, _, directory = quantized
-    records = run([str(source), str(directory), f"{directory}:int8"], tmp_path / "out", new_tokens=6, repeats=2)
+    monkeypatch.delenv("CMPQ_TABLES")  # the default
+    records = run([str(source), str(directory), f"{directory}:int8", f"{directory}:float"], tmp_path / "out",
+                  new_tokens=6, repeats=2)
     assert [r["speedup"] for r in records][0] == 1.0 and records[1]["tokens_per_second"] > 0
     assert records[1]["bpw"] is not None and records[1]["profile"]
+    assert records[1]["tables"] == ("int8" if native.int8_supported() else "float")
     assert records[2]["model"].endswith(":int8") and records[2]["tokens_per_second"] > 0
-    assert "tokens/s" in (tmp_path / "out" / "decode.md").read_text()
-    assert "(int8 tables)" in (tmp_path / "out" / "decode.md").read_text()
+    assert records[2]["tables"] == "int8" and records[3]["tables"] == "float"
+    table = (tmp_path / "out" / "decode.md").read_text()
+    assert "tokens/s" in table and "(int8 tables)" in table and "(float tables)" in table
+    assert f"auto ({records[1]['tables']} on this CPU)" in table
     with pytest.raises(ValueError, match="int8 tables apply to CMPQ"):
         run([f"{source}:int8"], tmp_path / "out2", new_tokens=2, repeats=1)
 

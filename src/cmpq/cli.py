@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the logits of tokens already seen by P (CTRL's penalty, as in transformers); the "
                         "default keeps greedy decoding of low-bit models (and often of the float model) from "
                         "looping; 1 = plain greedy (default: %(default)s)")
-    g.add_argument("--tables", choices=("float", "int8"), default="float",
-                   help="look-up tables of the quantized layers for each new token: float (exact, default) or int8 "
-                        "(about 2x faster layers where the CPU has AVX-512 VBMI + VNNI; each table entry rounded "
-                        "to 8 bits of its block's largest, see the README's int8 tables)")
+    g.add_argument("--tables", choices=("auto", "float", "int8"), default="auto",
+                   help="look-up tables of the quantized layers for each new token: auto (default) = int8 where the "
+                        "CPU has AVX-512 VBMI + VNNI (about 2x faster layers, each table entry rounded to 8 bits of "
+                        "its block's largest: see the README's int8 tables), else float; float = exact")
     g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
                        description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "2.5/3/4 bits, batch 1/4/16/128; decode: tokens/s of --models with the same generation loop")
     b.add_argument("--models", default="smollm2-135m", metavar="M1,M2,...",
                    help="decode: models to compare, the first being the reference (default: %(default)s; add "
-                        "directories saved by `cmpq quantize --out`, DIR:int8 for one with int8 look-up tables)")
+                        "directories saved by `cmpq quantize --out`; DIR:float or DIR:int8 forces its one-token look-up tables, "
+                        "which are otherwise auto)")
     b.add_argument("--new-tokens", type=_positive_int, default=64, help="decode: tokens per generation "
                                                                          "(default: %(default)s)")
     b.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
@@ -473,7 +474,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from cmpq.packed.cmpq_layer import use_tables
 
     loaded = load_model(args.model)
-    if args.tables != "float" and use_tables(loaded.model, args.tables) == 0:
+    if use_tables(loaded.model, args.tables) == 0 and args.tables == "int8":
         raise CmpqError(f"--tables {args.tables} applies to CMPQ-quantized models; {args.model} has no CMPQ layers")
     result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.chat,
                       args.repetition_penalty)

@@ -84,15 +84,33 @@ def _exit(module, args, output) -> None:
     _SPANS.pop().__exit__(None, None, None)
 
 
+TABLE_SUFFIXES = (":float", ":int8")
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """A model spec DIR[:float|:int8] -> (DIR, forced one-token look-up tables or None)."""
+    for suffix in TABLE_SUFFIXES:
+        if spec.endswith(suffix):
+            return spec.removesuffix(suffix), suffix[1:]
+    return spec, None
+
+
 def load_for_decode(spec: str) -> LoadedModel:
-    """A model spec, where DIR:int8 loads DIR with int8 look-up tables in its CMPQ layers."""
+    """A model spec, where DIR:float / DIR:int8 loads DIR with those look-up tables in its CMPQ layers."""
     from cmpq.packed.cmpq_layer import use_tables
 
-    path = spec.removesuffix(":int8")
+    path, tables = split_spec(spec)
     loaded = load_model(path)
-    if spec.endswith(":int8") and use_tables(loaded.model, "int8") == 0:
-        raise ValueError(f"{spec}: int8 tables apply to CMPQ-quantized models, and {path} has none")
+    if tables is not None and use_tables(loaded.model, tables) == 0:
+        raise ValueError(f"{spec}: {tables} tables apply to CMPQ-quantized models, and {path} has none")
     return loaded
+
+
+def auto_tables() -> str:
+    """What the default one-token look-up tables are on this CPU."""
+    from cmpq.kernels import native
+
+    return "int8" if native.use_int8_tables("auto", native.isa_code()) else "float"
 
 
 def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: int = 5) -> list[dict]:
@@ -106,22 +124,23 @@ def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: i
         quant = getattr(model.model.config, "quantization_config", None)
         quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
         head = (quant or {}).get("head") or {}
-        records.append({"benchmark": "decode", "model": spec, **speed, "bpw": (quant or {}).get("bpw"),
+        records.append({"benchmark": "decode", "model": spec, "tables": split_spec(spec)[1] or auto_tables(), **speed, "bpw": (quant or {}).get("bpw"),
                         "head_bpw": head.get("bpw"), "profile": profile_step(model), **environment()})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     lines = [f"Decode, same loop (static KV cache, greedy), prompt {records[0]['prompt_tokens']} tokens, "
              f"{new_tokens} new tokens; {repeats} rounds, each running every model once in turn; tokens/s and the "
-             f"ratio to the first model are medians over the rounds; {records[0]['threads']} threads.", "",
+             f"ratio to the first model are medians over the rounds; {records[0]['threads']} threads. Quantized "
+             f"layers' one-token look-up tables: auto ({auto_tables()} on this CPU) unless the name says.", "",
              "| model | blocks bpw | head bpw | tokens/s | x first | top ops (share of self time) |",
              "|---|---|---|---|---|---|"]
     for r in records:
         ops = ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in r["profile"][:4])
         bpw = "-" if r["bpw"] is None else f"{r['bpw']:.3f}"
         head = "float" if r.get("head_bpw") is None else f"{r['head_bpw']:.3f}"
-        spec = r["model"].removesuffix(":int8")
-        name = (Path(spec).name if Path(spec).is_dir() else spec) + (" (int8 tables)" if r["model"].endswith(":int8") else "")
+        spec, tables = split_spec(r["model"])
+        name = (Path(spec).name if Path(spec).is_dir() else spec) + (f" ({tables} tables)" if tables else "")
         lines.append(f"| {name} | {bpw} | {head} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f} | {ops} |")
     (out / "decode.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return records

@@ -3,8 +3,10 @@
 The library is built by the package install (setup.py); when it is missing, `library()` returns None and warns
 once, and quantized layers use the PyTorch reference path. `CMPQ_KERNEL=reference|native|auto` forces a
 path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
-`CMPQ_TABLES=int8` (or a layer's `tables = "int8"`) opts one-token calls into int8 look-up tables where the CPU
-has AVX-512 VBMI and VNNI: about 2x faster, approximate (`int8_reference` is the exact definition).
+One-token calls use int8 look-up tables where the CPU has AVX-512 VBMI and VNNI: about 2x faster layers, each
+product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what they compute).
+`CMPQ_TABLES=float` (or a layer's `tables = "float"`) keeps the exact float tables; `int8` asks for int8 tables
+even when another ISA is forced; `auto` (the default) uses them on the AVX-512 path only.
 """
 
 from __future__ import annotations
@@ -82,21 +84,35 @@ def int8_supported() -> bool:
     return lib is not None and bool(lib.cmpq_int8_supported())
 
 
-TABLE_MODES = ("float", "int8")
+TABLE_MODES = ("auto", "float", "int8")
 
 
 def table_mode(requested: str | None = None) -> str:
-    """Look-up tables of one-token calls: `requested`, else $CMPQ_TABLES, else float (exact)."""
-    mode = requested or os.environ.get("CMPQ_TABLES", "float")
+    """Look-up tables of one-token calls: `requested`, else $CMPQ_TABLES, else auto."""
+    mode = requested or os.environ.get("CMPQ_TABLES", "auto")
     if mode not in TABLE_MODES:
-        raise ValueError(f"look-up tables must be float or int8 (CMPQ_TABLES / tables), not '{mode}'")
+        raise ValueError(f"look-up tables must be auto, float or int8 (CMPQ_TABLES / tables), not '{mode}'")
     return mode
+
+
+def use_int8_tables(requested: str | None, isa: int) -> bool:
+    """Whether a one-token call with ISA code `isa` (-1: the best) takes the int8 tables: always under "int8"
+    (warning once where the CPU lacks them), under "auto" where the CPU has them and AVX-512 is the ISA asked
+    for (a forced AVX2 or portable path keeps its own exact tables), never under "float"."""
+    mode = table_mode(requested)
+    if mode == "float":
+        return False
+    if not int8_supported():
+        if mode == "int8":
+            warn_int8_unsupported()
+        return False
+    return mode == "int8" or isa in (-1, ISAS["avx512"])
 
 
 @functools.cache
 def warn_int8_unsupported() -> None:
     warnings.warn("int8 look-up tables need AVX-512 with VBMI and VNNI, which this CPU lacks; using float tables",
-                  stacklevel=3)
+                  stacklevel=4)
 
 
 def kernel_mode() -> str:

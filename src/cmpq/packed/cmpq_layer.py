@@ -205,7 +205,8 @@ class PackedLinear(nn.Module):
 
 
 def use_tables(model: nn.Module, mode: str) -> int:
-    """Set the look-up tables ("float" or "int8") of every CMPQ layer of `model`; returns how many layers."""
+    """Set the one-token look-up tables ("auto", "float" or "int8") of every CMPQ layer of `model`; returns how
+    many layers."""
     native.table_mode(mode)  # validates
     layers = [m for m in model.modules() if isinstance(m, CMPQLinear)]
     for layer in layers:
@@ -218,8 +219,9 @@ class CMPQLinear(PackedLinear):
 
     Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for few tokens, dequantized tiles and
     dense matmuls for more, in bfloat16 when the input is) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
-    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either. `tables` ("float", "int8";
-    default: $CMPQ_TABLES or float) opts one-token native calls into approximate int8 look-up tables."""
+    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either. `tables` ("auto", "float",
+    "int8"; default: $CMPQ_TABLES or auto) chooses the one-token look-up tables: int8 (about 2x faster, each
+    product rounded to 8 bits of its block's largest) where the CPU has them, or exact float."""
 
     def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None) -> None:
@@ -230,7 +232,7 @@ class CMPQLinear(PackedLinear):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.kernel: str | None = None  # None: $CMPQ_KERNEL, else "auto"
         self.isa: str | None = None     # None: $CMPQ_ISA, else the best this CPU has
-        self.tables: str | None = None  # None: $CMPQ_TABLES, else float
+        self.tables: str | None = None  # None: $CMPQ_TABLES, else auto
         self._native = None
 
     @classmethod
@@ -267,11 +269,7 @@ class CMPQLinear(PackedLinear):
         if x2.dtype != dtype or not x2.is_contiguous():
             x2 = x2.to(dtype).contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
-        int8 = tokens == 1 and native.table_mode(self.tables) == "int8"
-        if int8 and not native.int8_supported():
-            native.warn_int8_unsupported()
-            int8 = False
-        if int8:
+        if tokens == 1 and native.use_int8_tables(self.tables, isa):
             y = prepared.gemv_int8(x2, bias, threads)
         else:
             y = prepared.gemv(x2, bias, isa, threads) if lut else prepared.matmul(x2, bias, isa, threads)
