@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
     args = parser.parse_args()
     if not native.int8_supported():
-        raise SystemExit("int8 look-up tables need AVX-512 with VBMI and VNNI")
+        raise SystemExit("int8 look-up tables need AVX2 or AVX-512 and the native kernels")
     records = [compare(m, args.windows, args.seqlen) for m in args.models]
     lines = [f"The same tokens read one at a time (KV cache: the decode path), float then int8 look-up tables; "
              f"the first {args.windows} WikiText-2 test windows of {args.seqlen} tokens; {records[0]['threads']} "

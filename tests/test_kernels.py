@@ -234,26 +234,35 @@ def test_copies_and_pickles_of_a_used_layer_do_not_share_its_kernel_view():
     torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), expected)
 
 
-INT8 = pytest.mark.skipif(not native.int8_supported(), reason="int8 tables need AVX-512 VBMI + VNNI")
+INT8_KERNELS = [name for name in ("avx2", "avx512") if native.int8_isa(native.ISAS[name]) == native.ISAS[name]]
+INT8 = pytest.mark.skipif(not native.int8_supported(), reason="int8 tables need AVX2 or AVX-512")
 
 
-@INT8
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
 @pytest.mark.parametrize("mix", MIXES, ids=lambda m: "w" + "".join(map(str, m)))
 @pytest.mark.parametrize("shape", SHAPES + [(1100, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_int8_table_kernel_matches_its_reference(mix, shape):
-    """Every width mix (wide columns stay float), odd shapes, runs not multiples of a quad or a block, with and
-    without outliers, 1 and 2 threads."""
+def test_int8_table_kernel_matches_its_reference(kernel, mix, shape):
+    """Every int8 kernel this CPU has, every width mix (wide columns stay float), odd shapes, runs not multiples
+    of a quad or a block, with and without outliers, 1 and 2 threads: the same integers as the reference, so
+    only the float sums' order differs."""
     rows, cols = shape
     for nnz in ((rows * cols) // 50, 0):
         layer = random_layer(rows, cols, mix, nnz=nnz, seed=rows + len(mix))
         module = CMPQLinear.from_weight(layer, torch.randn(rows, generator=torch.Generator().manual_seed(1)))
         prepared = module.prepare_native()
-        x = torch.randn(1, cols, generator=torch.Generator().manual_seed(cols))
-        expected = native.int8_reference(prepared, x, module.bias)
-        for threads in (1, 2):
-            got = prepared.gemv_int8(x, module.bias.float().contiguous(), threads)
-            scale = expected.abs().max().item() + 1.0
-            assert (got - expected).abs().max().item() <= 1e-5 * scale * cols ** 0.5, (nnz, threads)
+        for seed in range(3):
+            x = torch.randn(1, cols, generator=torch.Generator().manual_seed(cols + seed))
+            expected = native.int8_reference(prepared, x, module.bias)
+            for threads in (1, 2):
+                got = prepared.gemv_int8(x, module.bias.float().contiguous(), threads, native.ISAS[kernel])
+                scale = expected.abs().max().item() + 1.0
+                assert (got - expected).abs().max().item() <= 2e-6 * scale, (nnz, seed, threads)
+
+
+def test_int8_kernels_this_cpu_lacks_are_refused():
+    prepared = CMPQLinear.from_weight(random_layer(16, 8, [3], nnz=0)).prepare_native()
+    with pytest.raises(RuntimeError, match="no int8-table kernel"):
+        prepared.gemv_int8(torch.randn(1, 8), None, 1, native.ISAS["portable"])
 
 
 def test_int8_reference_rounds_each_blocks_products_to_8_bits_and_leaves_wide_columns_exact():
@@ -291,35 +300,50 @@ def test_pack_quads_puts_row_r_column_c_at_bits_4r_plus_c_times_w():
                     assert (bits >> ((4 * r + c) * 3)) & 7 == want
 
 
+@pytest.mark.parametrize("width", [3, 4])
+def test_pack_nibbles_puts_row_and_column_where_the_avx2_kernel_reads_them(width):
+    codes = torch.randint(0, 2 ** width, (32, 6), generator=torch.Generator().manual_seed(width))
+    packed = native.pack_nibbles(codes, width)
+    assert packed.shape == (2, 2 * 32)  # 2 groups, 2 quads (6 columns padded to 8) of 32 bytes
+    for g in range(2):
+        for quad in range(2):
+            data = packed[g, quad * 32:(quad + 1) * 32].tolist()
+            for k, byte in enumerate(data):
+                row = 16 * g + 8 * (k // 16) + (k % 16) // 2
+                for nibble, value in enumerate((byte & 15, byte >> 4)):
+                    col = quad * 4 + 2 * nibble + k % 2
+                    want = int(codes[row, col]) if col < 6 else 0
+                    assert value == want + (8 * (k % 2) if width < 4 else 0)
+
+
 @INT8
 def test_layer_int8_tables_apply_to_one_token_only_and_bad_modes_are_errors(monkeypatch):
     layer = random_layer(64, 96, [2, 3, 4], nnz=60)
     module = CMPQLinear.from_weight(layer)
     module.kernel = "native"
     one, two = torch.randn(1, 96), torch.randn(2, 96)
-    exact_one, exact_two = module(one), module(two)
+    exact_one, exact_two = module(one), module(two)  # CMPQ_TABLES=float (conftest)
     module.tables = "int8"
-    torch.testing.assert_close(module(one), native.int8_reference(module.prepare_native(), one), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(module(one), native.int8_reference(module.prepare_native(), one), rtol=1e-5, atol=1e-5)
     assert not torch.equal(module(one), exact_one)
     assert torch.equal(module(two), exact_two)  # batches keep exact float tables
     int8_one = module(one)
     module.tables = None
     monkeypatch.setenv("CMPQ_TABLES", "int8")
     assert torch.equal(module(one), int8_one)
-    monkeypatch.delenv("CMPQ_TABLES")  # the default, auto: int8 tables on the AVX-512 path
+    monkeypatch.delenv("CMPQ_TABLES")  # the default, auto: int8 tables on every ISA that has a kernel for them
     assert torch.equal(module(one), int8_one)
-    if "avx2" in native.supported_isas():  # a forced AVX2 path keeps its exact tables under auto, not under int8
-        module.isa = "avx2"
-        exact_avx2 = torch.nn.functional.linear(one, module.dequantize())
-        torch.testing.assert_close(module(one), exact_avx2, rtol=1e-5, atol=1e-5)
-        module.tables = "int8"
-        assert torch.equal(module(one), int8_one)
-        module.tables, module.isa = None, None
+    for isa in INT8_KERNELS:  # a forced ISA gets its own int8 kernel: the same integers
+        module.isa = isa
+        torch.testing.assert_close(module(one), int8_one, rtol=1e-5, atol=1e-5)
+    module.isa = "portable"  # no int8 kernel: exact float tables, under auto silently
+    torch.testing.assert_close(module(one), torch.nn.functional.linear(one, module.dequantize()), rtol=1e-5, atol=1e-5)
+    module.isa = None
     monkeypatch.setenv("CMPQ_TABLES", "int4")
     with pytest.raises(ValueError, match="auto, float or int8"):
         module(one)
     monkeypatch.setenv("CMPQ_TABLES", "int8")
-    monkeypatch.setattr(native, "int8_supported", lambda: False)
+    monkeypatch.setattr(native, "int8_isa", lambda isa=-1: 0)
     native.warn_int8_unsupported.cache_clear()
-    with pytest.warns(UserWarning, match="VBMI and VNNI"):
+    with pytest.warns(UserWarning, match="AVX2 or AVX-512"):
         assert torch.equal(module(one), exact_one)

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "looping; 1 = plain greedy (default: %(default)s)")
     g.add_argument("--tables", choices=("auto", "float", "int8"), default="auto",
                    help="look-up tables of the quantized layers for each new token: auto (default) = int8 where the "
-                        "CPU has AVX-512 VBMI + VNNI (about 2x faster layers, each table entry rounded to 8 bits of "
+                        "CPU has AVX2 or AVX-512 (about 2x faster layers, each table entry rounded to 8 bits of "
                         "its block's largest: see the README's int8 tables), else float; float = exact")
     g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",

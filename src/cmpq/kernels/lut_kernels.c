@@ -802,34 +802,52 @@ int cmpq_dequant_tile(void *out, int64_t ld, int64_t g0, int64_t g1, int bf16, i
     return 0;
 }
 
-/* ---- int8 look-up tables (opt-in, approximate): one token, AVX-512 with VBMI and VNNI ----
- * Columns of up to 4 bits, in blocks of 32 stored columns of one width, get int8 tables: q_i[c] =
- * round(codebook_i[c] * x_i * 127 / m), m the block's largest |codebook_i[c] * x_i| (so each product is rounded
- * to 8 bits of its block's largest), and the block's int32 sums are scaled by m / 127 into the float
- * accumulators. Wider columns, the outliers and the bias stay exact. A 64-byte vpermb table holds 64 / 2^w
- * columns, and per 16 rows x 4 columns (64 weights) the loop does one vpermb spreading the codes (rows 2q and
- * 2q + 1 of the 4 columns, w bytes, to 64-bit lane q), one vpmultishiftqb (one code per byte), one vpternlogd
- * (mask and column slot), one vpermb look-up and one vpdpbusd (each row's 4 values summed into its int32 lane):
- * about 1.3 instructions per 16 weights against 3 for float tables (benchmarks/microbench/int8_tables.c).
- * Codes in their own layout (codes8, made by cmpq/kernels/native.py): per 16-row group, for each run of width
- * w <= 4 in stored order, ceil(n / 4) quads of 8 w bytes, column c of a quad and row r at bits (4 r + c) w;
- * `stride8` bytes per group, plus 64 bytes of padding at the end. */
-#ifdef CMPQ_X86
-#define T512I __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni")))
 #define INT8_BLOCK 32
 #define INT8_MAX_W 4
+
+/* ---- int8 look-up tables (approximate; the default for one token): AVX-512 with VBMI and VNNI, or AVX2 ----
+ * Columns of up to 4 bits, in blocks of 32 stored columns of one width, get int8 tables: q_i[c] =
+ * round(codebook_i[c] * x_i * 127 / m), m the block's largest |codebook_i[c] * x_i| (so each product is rounded
+ * to 8 bits of its block's largest), and the block's integer sums are scaled by m / 127 into the float
+ * accumulators. Wider columns, the outliers and the bias stay exact. Both ISAs compute the same integers.
+ * AVX-512: a 64-byte vpermb table holds 64 / 2^w columns, and per 16 rows x 4 columns (64 weights) the loop
+ * does one vpermb spreading the codes (rows 2q and 2q + 1 of the 4 columns, w bytes, to 64-bit lane q), one
+ * vpmultishiftqb (one code per byte), one vpternlogd (mask and column slot), one vpermb look-up and one vpdpbusd
+ * (each row's 4 values summed into its int32 lane): about 1.3 instructions per 16 weights against 3 for float
+ * tables (benchmarks/microbench/int8_tables.c). Its codes (codes8, made by cmpq/kernels/native.py): per 16-row
+ * group, for each run of width w <= 4 in stored order, ceil(n / 4) quads of 8 w bytes, column c of a quad and
+ * row r at bits (4 r + c) w; `stride8` bytes per group, plus 64 bytes of padding at the end.
+ * AVX2: a 16-byte vpshufb table holds a pair of columns of up to 3 bits (8 entries each) or one column of 4
+ * bits. Codes are nibbles (codes8 again, another layout): per group and run, quads of 4 columns in 32 bytes;
+ * byte k holds row 8 (k / 16) + (k % 16) / 2, its low nibble the quad's column k % 2 and its high nibble column
+ * 2 + k % 2; below 4 bits the second column of a pair is stored as code + 8 (its half of the pair's table).
+ * Per 64 weights: vpand, vpsrlw, vpand (both nibbles), then per pair one vpshufb, one vpmaddubsw (the pair
+ * summed per row into int16) and one vpaddw (4 bits: two vpshufb on indices masked by bit 7, merged by vpor);
+ * a block's int16 sums (at most 32 x 127) are widened and scaled once per block. */
+#ifdef CMPQ_X86
+#define T512I __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni")))
 #endif
 
-int cmpq_int8_supported(void) {
+/* the int8-table kernel for ISA code `isa` (-1: the best this CPU has): 2 (AVX-512 VBMI + VNNI), 1 (AVX2; also
+ * on AVX-512 CPUs without VNNI), 0 (none: portable code keeps float tables) */
+int cmpq_int8_isa(int isa) {
 #ifdef CMPQ_X86
-    return cmpq_isa_supported(2) && __builtin_cpu_supports("avx512vnni");
+    if (isa < 0) isa = cmpq_best_isa();
+    if (isa == 2 && cmpq_isa_supported(2) && __builtin_cpu_supports("avx512vnni")) return 2;
+    if (isa >= 1 && cmpq_isa_supported(1)) return 1;
 #else
-    return 0;
+    (void)isa;
 #endif
+    return 0;
+}
+
+/* bytes of one block's int8 tables: AVX-512 32 x 2^w, AVX2 32 x 8 below 4 bits (pairs of 8-entry halves) */
+static inline int64_t int8_block_bytes(int w, int isa) {
+    return isa == 2 ? (int64_t)INT8_BLOCK << w : (int64_t)INT8_BLOCK * (w < 4 ? 8 : 16);
 }
 
 /* bytes of int8 tables and number of blocks of a layer's columns of up to 4 bits (widths in stored order) */
-static void int8_sizes(const uint8_t *widths, int64_t cols, int64_t *bytes, int64_t *blocks) {
+static void int8_sizes(const uint8_t *widths, int64_t cols, int isa, int64_t *bytes, int64_t *blocks) {
     *bytes = *blocks = 0;
     for (int64_t i = 0; i < cols;) {
         int64_t j = i;
@@ -837,26 +855,38 @@ static void int8_sizes(const uint8_t *widths, int64_t cols, int64_t *bytes, int6
         if (widths[i] <= 4) {
             const int64_t nb = (j - i + 31) / 32;
             *blocks += nb;
-            *bytes += nb * ((int64_t)32 << widths[i]);
+            *bytes += nb * int8_block_bytes(widths[i], isa);
         }
         i = j;
     }
 }
 
-void cmpq_int8_sizes(const uint8_t *widths, int64_t cols, int64_t *out) { int8_sizes(widths, cols, out, out + 1); }
+void cmpq_int8_sizes(const uint8_t *widths, int64_t cols, int isa, int64_t *out) {
+    int8_sizes(widths, cols, isa, out, out + 1);
+}
 
 #ifdef CMPQ_X86
+/* block b of a run (first stored column a, n columns): its first column, its column count, and its largest
+ * |codebook entry * x| (from each column's largest |entry|, amax), whose 1 / 127 is the block's scale */
+static inline float int8_block_top(const layer_t *L, const float *x, const float *amax, int64_t a, int64_t n,
+                                   int64_t b, int64_t *first, int64_t *m) {
+    *first = a + b * INT8_BLOCK;
+    *m = n - b * INT8_BLOCK < INT8_BLOCK ? n - b * INT8_BLOCK : INT8_BLOCK;
+    float top = 0.0f;
+    for (int64_t i = 0; i < *m; ++i) {
+        const float xv = x[L->order[*first + i]], v = amax[*first + i] * (xv < 0 ? -xv : xv);
+        top = v > top ? v : top;
+    }
+    return top;
+}
+
 /* int8 tables and scales of blocks [b0, b1) of run k's blocks (first stored column a, n columns, width w) */
 T512I static void build_int8_run(const layer_t *L, const float *x, const float *amax, int64_t a, int64_t n, int w,
                                  int8_t *T8, float *scales, int64_t b0, int64_t b1) {
     const int entries = 1 << w;
     for (int64_t b = b0; b < b1; ++b) {
-        const int64_t first = a + b * INT8_BLOCK, m = n - b * INT8_BLOCK < INT8_BLOCK ? n - b * INT8_BLOCK : INT8_BLOCK;
-        float top = 0.0f;
-        for (int64_t i = 0; i < m; ++i) {
-            const float xv = x[L->order[first + i]], v = amax[first + i] * (xv < 0 ? -xv : xv);
-            top = v > top ? v : top;
-        }
+        int64_t first, m;
+        const float top = int8_block_top(L, x, amax, a, n, b, &first, &m);
         const float inv = top > 0.0f ? 127.0f / top : 0.0f;
         scales[b] = top / 127.0f;
         int8_t *t = T8 + b * ((int64_t)INT8_BLOCK << w);
@@ -918,6 +948,108 @@ T512I static inline AI void seg_int8(const int8_t *T8, const float *scales, int6
     }
 }
 
+/* AVX2 tables of blocks [b0, b1) of a run (first stored column a, n columns, width w <= 4): per block 32 columns
+ * of 8 bytes below 4 bits (pair p's table is bytes 16 p .. 16 p + 15: column 2 p, then 2 p + 1) or of 16 bytes
+ * at 4 bits; entries past 2^w and columns past n are 0. The same integers as build_int8_run: the same float
+ * products, scale and rounding (nearest, ties to even). */
+T256 static void build_int8_run256(const layer_t *L, const float *x, const float *amax, int64_t a, int64_t n, int w,
+                                   int8_t *T8, float *scales, int64_t b0, int64_t b1) {
+    const int entries = 1 << w, slots = w < 4 ? 8 : 16;
+    int32_t lane[8];
+    for (int k = 0; k < 8; ++k) lane[k] = k < entries ? -1 : 0;
+    const __m256i valid = _mm256_loadu_si256((const __m256i *)lane);
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    for (int64_t b = b0; b < b1; ++b) {
+        int64_t first, m;
+        const float top = int8_block_top(L, x, amax, a, n, b, &first, &m);
+        const __m256 vinv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        scales[b] = top / 127.0f;
+        int8_t *t = T8 + b * int8_block_bytes(w, 1);
+        memset(t + m * slots, 0, (size_t)((INT8_BLOCK - m) * slots));
+        for (int64_t s = 0; s < m; ++s) {
+            const float *cb = L->codebooks + L->cb_offset[first + s];
+            const __m256 xv = _mm256_set1_ps(x[L->order[first + s]]);
+            for (int h = 0; h < slots; h += 8) {
+                const __m256 entry = h == 0 ? _mm256_maskload_ps(cb, valid) : _mm256_loadu_ps(cb + 8);
+                const __m256i q = _mm256_max_epi32(_mm256_min_epi32(
+                    _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(entry, xv), vinv)), hi), lo);
+                const __m256i q16 = _mm256_packs_epi32(q, q), q8 = _mm256_packs_epi16(q16, q16);
+                /* bytes 0..3 of each 128-bit lane hold entries 0..3 and 4..7 */
+                _mm_storel_epi64((__m128i *)(t + s * slots + h),
+                                 _mm_unpacklo_epi32(_mm256_castsi256_si128(q8), _mm256_extracti128_si256(q8, 1)));
+            }
+        }
+    }
+}
+
+/* One run of n columns of width W <= 4 for NG groups with AVX2 int8 tables (layout above): p8 at the run's codes
+ * in the first group, T8 / scales at the run's first block; acc holds 2 NG halves (8 rows each). */
+T256 static inline AI void seg_int8_256(const int8_t *T8, const float *scales, int64_t n, const uint8_t *p8,
+                                        int64_t stride8, __m256 *acc, const int NG, const int W) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
+    const __m256i odd = _mm256_set1_epi16((short)0x8000), even = _mm256_set1_epi16(0x0080); /* bit 7: zero out */
+    const int64_t quads = (n + 3) / 4, block_bytes = int8_block_bytes(W, 1);
+    for (int64_t q0 = 0, b = 0; q0 < quads; q0 += INT8_BLOCK / 4, ++b) {
+        __m256i sum[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NG; ++j) sum[j] = _mm256_setzero_si256();
+        const int64_t q1 = q0 + INT8_BLOCK / 4 < quads ? q0 + INT8_BLOCK / 4 : quads;
+        const int8_t *tb = T8 + b * block_bytes;
+        for (int64_t q = q0; q < q1; ++q) {
+            const int8_t *t = tb + (q - q0) * (W < 4 ? 32 : 64);
+            const uint8_t *p = p8 + q * 32;
+            if (W < 4) {
+                const __m256i t01 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t));
+                const __m256i t23 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t + 16)));
+#pragma GCC unroll 4
+                for (int j = 0; j < NG; ++j) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + j * stride8));
+                    const __m256i lo = _mm256_and_si256(v, nibble);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                    sum[j] = _mm256_add_epi16(sum[j], _mm256_maddubs_epi16(ones, _mm256_shuffle_epi8(t01, lo)));
+                    sum[j] = _mm256_add_epi16(sum[j], _mm256_maddubs_epi16(ones, _mm256_shuffle_epi8(t23, hi)));
+                }
+            } else {
+                __m256i tc[4];
+                for (int c = 0; c < 4; ++c)
+                    tc[c] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t + 16 * c)));
+#pragma GCC unroll 4
+                for (int j = 0; j < NG; ++j) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + j * stride8));
+                    const __m256i lo = _mm256_and_si256(v, nibble);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                    const __m256i l = _mm256_or_si256(_mm256_shuffle_epi8(tc[0], _mm256_or_si256(lo, odd)),
+                                                      _mm256_shuffle_epi8(tc[1], _mm256_or_si256(lo, even)));
+                    const __m256i h = _mm256_or_si256(_mm256_shuffle_epi8(tc[2], _mm256_or_si256(hi, odd)),
+                                                      _mm256_shuffle_epi8(tc[3], _mm256_or_si256(hi, even)));
+                    sum[j] = _mm256_add_epi16(sum[j], _mm256_maddubs_epi16(ones, l));
+                    sum[j] = _mm256_add_epi16(sum[j], _mm256_maddubs_epi16(ones, h));
+                }
+            }
+        }
+        const __m256 sc = _mm256_set1_ps(scales[b]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NG; ++j) {
+            const __m256i r0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum[j]));      /* rows 0..7 */
+            const __m256i r1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum[j], 1)); /* rows 8..15 */
+            acc[2 * j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r0), sc, acc[2 * j]);
+            acc[2 * j + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r1), sc, acc[2 * j + 1]);
+        }
+    }
+}
+
+typedef void (*seg_int8_256_fn)(const int8_t *, const float *, int64_t, const uint8_t *, int64_t, __m256 *);
+#define SEG_INT8_256(NG, W)                                                                                     \
+    T256 static __attribute__((noinline)) void seg_int8_256_##NG##_##W(                                         \
+        const int8_t *T8, const float *scales, int64_t n, const uint8_t *p8, int64_t stride8, __m256 *acc) {    \
+        seg_int8_256(T8, scales, n, p8, stride8, acc, NG, W);                                                   \
+    }
+#define SEG_INT8_256_WIDTHS(NG) SEG_INT8_256(NG, 1) SEG_INT8_256(NG, 2) SEG_INT8_256(NG, 3) SEG_INT8_256(NG, 4)     \
+    static const seg_int8_256_fn seg_int8_256_##NG[5] = {NULL, seg_int8_256_##NG##_1, seg_int8_256_##NG##_2,      \
+                                                         seg_int8_256_##NG##_3, seg_int8_256_##NG##_4};
+SEG_INT8_256_WIDTHS(4)
+SEG_INT8_256_WIDTHS(1)
+
 typedef struct {
     const uint8_t *codes8;
     int64_t stride8;
@@ -960,22 +1092,51 @@ T512I static void gemv_int8_groups(const layer_t *L, const int8_view_t *V, const
     for (; g + 4 <= g1; g += 4) gemv1_int8(L, V, T, y, g, 4);
     for (; g < g1; ++g) gemv1_int8(L, V, T, y, g, 1);
 }
+
+/* AVX2: groups [g, g + NG), NG = 4 or 1, one token; wider runs through the float segments of gemv_avx2 */
+T256 static void gemv1_int8_256(const layer_t *L, const int8_view_t *V, const float *T, float *y, int64_t g,
+                                const int NG) {
+    __m256 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    const seg_int8_256_fn *narrow = NG == 4 ? seg_int8_256_4 : seg_int8_256_1;
+    const seg256_fn *wide = NG == 4 ? seg256_1_8 : seg256_1_2;
+    const uint16_t *p = L->codes + g * L->words;
+    const uint8_t *p8 = V->codes8 + g * V->stride8;
+    for (int64_t k = 0; k < L->nruns; ++k) {
+        const int64_t i = L->run[k], n = L->run[k + 1] - i;
+        const int w = L->widths[i];
+        if (w <= INT8_MAX_W) {
+            narrow[w](V->T8 + V->t8off[k], V->scales + V->boff[k], n, p8 + V->c8off[k], V->stride8, acc);
+            p += (int64_t)w * n;
+        } else {
+            p = wide[w](T + L->toff[i], 0, n, p, L->words, 0, acc);
+        }
+    }
+    for (int k = 0; k < 2 * NG; ++k) store_rows256(y, g * GROUP + 8 * k, L->rows, acc[k]);
+}
+
+T256 static void gemv_int8_groups256(const layer_t *L, const int8_view_t *V, const float *T, float *y, int64_t g,
+                                     int64_t g1) {
+    for (; g + 4 <= g1; g += 4) gemv1_int8_256(L, V, T, y, g, 4);
+    for (; g < g1; ++g) gemv1_int8_256(L, V, T, y, g, 1);
+}
 #endif
 
-/* y (1, rows) = x (1, cols) W^T (+ bias) with int8 tables for the columns of up to 4 bits (see above). tables:
- * float scratch as for cmpq_lut_gemv (used by the wider columns); tables8 / scales: scratch of at least the
- * bytes / blocks that cmpq_int8_sizes gives; amax (cols): each stored column's largest |codebook entry|.
- * Returns 0, -1 when the CPU lacks AVX-512 VBMI + VNNI or a scratch is too small, -2 when out of memory. */
+/* y (1, rows) = x (1, cols) W^T (+ bias) with int8 tables for the columns of up to 4 bits (see above), by the
+ * int8 kernel `isa` (2: AVX-512, 1: AVX2; codes8 in that kernel's layout). tables: float scratch as for
+ * cmpq_lut_gemv (used by the wider columns); tables8 / scales: scratch of at least the bytes / blocks that
+ * cmpq_int8_sizes gives for `isa`; amax (cols): each stored column's largest |codebook entry|.
+ * Returns 0, -1 when this CPU lacks that kernel or a scratch is too small, -2 when out of memory. */
 int cmpq_lut_gemv_int8(const float *x, float *y, float *tables, int64_t table_size, int8_t *tables8,
                        int64_t tables8_size, float *scales, int64_t scales_size, int64_t rows, int64_t cols,
                        const uint16_t *codes, const uint8_t *codes8, int64_t stride8, const int32_t *order,
                        const uint8_t *widths, const float *codebooks, const int64_t *cb_offset, const float *amax,
                        const int32_t *orow, const int32_t *ocol, const float *odelta, const float *bias,
-                       int nthreads) {
+                       int isa, int nthreads) {
 #ifdef CMPQ_X86
-    if (!cmpq_int8_supported()) return -1;
+    if ((isa != 1 && isa != 2) || cmpq_int8_isa(isa) != isa) return -1;
     int64_t need8, nblocks;
-    int8_sizes(widths, cols, &need8, &nblocks);
+    int8_sizes(widths, cols, isa, &need8, &nblocks);
     if (need8 > tables8_size || nblocks > scales_size) return -1;
     int64_t last = 0;  /* float tables of 2^w entries at cb_offset: the end of the last column's */
     if (cols > 0) last = cb_offset[cols - 1] + ((int64_t)1 << widths[cols - 1]);
@@ -990,9 +1151,9 @@ int cmpq_lut_gemv_int8(const float *x, float *y, float *tables, int64_t table_si
         V.t8off[k] = t8; V.boff[k] = b; V.c8off[k] = c8;
         if (w <= INT8_MAX_W) {
             const int64_t nb = (n + INT8_BLOCK - 1) / INT8_BLOCK;
-            t8 += nb * ((int64_t)INT8_BLOCK << w);
+            t8 += nb * int8_block_bytes(w, isa);
             b += nb;
-            c8 += (n + 3) / 4 * 8 * w;
+            c8 += (n + 3) / 4 * (isa == 2 ? 8 * w : 32);
         }
     }
     const int threads = threads_for(nthreads);
@@ -1010,13 +1171,19 @@ int cmpq_lut_gemv_int8(const float *x, float *y, float *tables, int64_t table_si
             }
             int64_t b0, b1;
             thread_share((n + INT8_BLOCK - 1) / INT8_BLOCK, &b0, &b1);
-            build_int8_run(&L, x, amax, a, n, w, tables8 + V.t8off[k], scales + V.boff[k], b0, b1);
+            if (isa == 2)
+                build_int8_run(&L, x, amax, a, n, w, tables8 + V.t8off[k], scales + V.boff[k], b0, b1);
+            else
+                build_int8_run256(&L, x, amax, a, n, w, tables8 + V.t8off[k], scales + V.boff[k], b0, b1);
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; ++c) {
             const int64_t g0 = 4 * c, g1 = g0 + 4 < L.groups ? g0 + 4 : L.groups;
-            gemv_int8_groups(&L, &V, tables, y, g0, g1);
+            if (isa == 2)
+                gemv_int8_groups(&L, &V, tables, y, g0, g1);
+            else
+                gemv_int8_groups256(&L, &V, tables, y, g0, g1);
             add_outliers_and_bias(&L, x, 1, y, g0 * GROUP, g1 * GROUP < rows ? g1 * GROUP : rows);
         }
     }
@@ -1025,7 +1192,8 @@ int cmpq_lut_gemv_int8(const float *x, float *y, float *tables, int64_t table_si
 #else
     (void)x; (void)y; (void)tables; (void)table_size; (void)tables8; (void)tables8_size; (void)scales;
     (void)scales_size; (void)rows; (void)cols; (void)codes; (void)codes8; (void)stride8; (void)order; (void)widths;
-    (void)codebooks; (void)cb_offset; (void)amax; (void)orow; (void)ocol; (void)odelta; (void)bias; (void)nthreads;
+    (void)codebooks; (void)cb_offset; (void)amax; (void)orow; (void)ocol; (void)odelta; (void)bias; (void)isa;
+    (void)nthreads;
     return -1;
 #endif
 }

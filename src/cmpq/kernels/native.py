@@ -3,10 +3,10 @@
 The library is built by the package install (setup.py); when it is missing, `library()` returns None and warns
 once, and quantized layers use the PyTorch reference path. `CMPQ_KERNEL=reference|native|auto` forces a
 path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
-One-token calls use int8 look-up tables where the CPU has AVX-512 VBMI and VNNI: about 2x faster layers, each
-product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what they compute).
-`CMPQ_TABLES=float` (or a layer's `tables = "float"`) keeps the exact float tables; `int8` asks for int8 tables
-even when another ISA is forced; `auto` (the default) uses them on the AVX-512 path only.
+One-token calls use int8 look-up tables (a kernel for AVX-512 with VBMI and VNNI, one for AVX2): about 2x faster
+layers, each product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what
+they compute). `CMPQ_TABLES=float` (or a layer's `tables = "float"`) keeps the exact float tables; `auto` (the
+default) and `int8` use int8 tables wherever the ISA has a kernel for them (`int8` warns where none does).
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ def library() -> ctypes.CDLL | None:
     lib.cmpq_isa_supported.argtypes = [i32]
     lib.cmpq_isa_supported.restype = i32
     lib.cmpq_best_isa.restype = i32
-    lib.cmpq_int8_supported.restype = i32
-    lib.cmpq_int8_sizes.argtypes = [p, i64, p]
+    lib.cmpq_int8_isa.argtypes = [i32]
+    lib.cmpq_int8_isa.restype = i32
+    lib.cmpq_int8_sizes.argtypes = [p, i64, i32, p]
     lib.cmpq_int8_sizes.restype = None
     lib.cmpq_lut_gemv_int8.argtypes = [p, p, p, i64, p, i64, p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, p,
-                                       p, i32]
+                                       p, i32, i32]
     lib.cmpq_lut_gemv_int8.restype = i32
     return lib
 
@@ -78,10 +79,16 @@ def supported_isas() -> tuple[str, ...]:
 
 
 @functools.cache
-def int8_supported() -> bool:
-    """Whether the int8-table kernel can run here (AVX-512 with VBMI and VNNI)."""
+def int8_isa(isa: int = -1) -> int:
+    """ISA code of the int8-table kernel that a call with ISA code `isa` (-1: the best) gets here: avx512 (with
+    VBMI and VNNI), avx2 (also on AVX-512 CPUs without VNNI), or 0 for none (portable code: float tables)."""
     lib = library()
-    return lib is not None and bool(lib.cmpq_int8_supported())
+    return 0 if lib is None else int(lib.cmpq_int8_isa(isa))
+
+
+def int8_supported() -> bool:
+    """Whether an int8-table kernel can run here (AVX2, or AVX-512 with VBMI and VNNI)."""
+    return int8_isa() > 0
 
 
 TABLE_MODES = ("auto", "float", "int8")
@@ -95,23 +102,21 @@ def table_mode(requested: str | None = None) -> str:
     return mode
 
 
-def use_int8_tables(requested: str | None, isa: int) -> bool:
-    """Whether a one-token call with ISA code `isa` (-1: the best) takes the int8 tables: always under "int8"
-    (warning once where the CPU lacks them), under "auto" where the CPU has them and AVX-512 is the ISA asked
-    for (a forced AVX2 or portable path keeps its own exact tables), never under "float"."""
-    mode = table_mode(requested)
-    if mode == "float":
-        return False
-    if not int8_supported():
-        if mode == "int8":
-            warn_int8_unsupported()
-        return False
-    return mode == "int8" or isa in (-1, ISAS["avx512"])
+def use_int8_tables(requested: str | None, isa: int) -> int:
+    """The int8-table kernel (an ISA code; 0: exact float tables) of a one-token call with ISA code `isa` (-1: the
+    best): under "auto" and "int8" the one that ISA has (none on the portable path; "int8" then warns once),
+    under "float" none."""
+    if table_mode(requested) == "float":
+        return 0
+    kernel = int8_isa(isa)
+    if kernel == 0 and table_mode(requested) == "int8":
+        warn_int8_unsupported()
+    return kernel
 
 
 @functools.cache
 def warn_int8_unsupported() -> None:
-    warnings.warn("int8 look-up tables need AVX-512 with VBMI and VNNI, which this CPU lacks; using float tables",
+    warnings.warn("int8 look-up tables need AVX2 or AVX-512 (and the native kernels); using float tables",
                   stacklevel=4)
 
 
@@ -197,24 +202,30 @@ class PreparedLayer:
         groups, words = -(-self.rows // 16), int(widths.sum())
         return unpack_codes(self.codes[: groups * words].view(groups, words), widths, self.rows)
 
-    def int8_view(self) -> "Int8Layer":
-        """The int8-table kernel's extra data, made on first use (a second copy of the narrow columns' codes)."""
-        view = getattr(self, "_int8", None)
-        if view is None:
-            view = self._int8 = int8_layer(self)
-        return view
+    def int8_view(self, kernel: int) -> "Int8Layer":
+        """Int8-table kernel `kernel`'s extra data, made on first use (a second copy of the narrow columns' codes,
+        in that kernel's layout)."""
+        views = self.__dict__.setdefault("_int8", {})
+        if kernel not in views:
+            views[kernel] = int8_layer(self, kernel)
+        return views[kernel]
 
-    def gemv_int8(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int = 0) -> torch.Tensor:
-        """x (1, cols) float32 contiguous -> (1, rows) with int8 tables for the columns of up to 4 bits."""
-        v = self.int8_view()
+    def gemv_int8(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int = 0,
+                  kernel: int | None = None) -> torch.Tensor:
+        """x (1, cols) float32 contiguous -> (1, rows) with int8 tables for the columns of up to 4 bits, by int8
+        kernel `kernel` (an ISA code; default: the best here)."""
+        kernel = int8_isa() if kernel is None else kernel
+        if kernel not in (ISAS["avx2"], ISAS["avx512"]) or int8_isa(kernel) != kernel:
+            raise RuntimeError(f"no int8-table kernel for ISA code {kernel} on this CPU")
+        v = self.int8_view(kernel)
         if v.blocks == 0:  # no column of up to 4 bits: the float kernel computes the same, with its own passes
-            return self.gemv(x, bias, ISAS["avx512"], threads)
+            return self.gemv(x, bias, kernel, threads)
         y = torch.empty(1, self.rows, dtype=torch.float32)
         tables = _tables(self.table_size + _PAD)
         scratch8, scales = _int8_scratch(v.table_bytes + 64, v.blocks + 1)
         status = library().cmpq_lut_gemv_int8(x.data_ptr(), y.data_ptr(), tables.data_ptr(), self.table_size,
                                               scratch8.data_ptr(), scratch8.numel(), scales.data_ptr(),
-                                              scales.numel(), *v.fixed, _ptr(bias), threads)
+                                              scales.numel(), *v.fixed, _ptr(bias), kernel, threads)
         if status != 0:
             raise RuntimeError(f"cmpq_lut_gemv_int8 failed ({status})")
         return y
@@ -272,8 +283,8 @@ INT8_MAX_WIDTH = 4
 
 @dataclass
 class Int8Layer:
-    """The int8-table kernel's view of a layer: the codes of its columns of up to 4 bits in quads (see
-    lut_kernels.c), and each stored column's largest |codebook entry|."""
+    """An int8-table kernel's view of a layer: the codes of its columns of up to 4 bits in that kernel's layout
+    (see lut_kernels.c), and each stored column's largest |codebook entry|."""
 
     codes8: torch.Tensor   # (groups * stride8 + 64,) uint8
     stride8: int
@@ -308,13 +319,31 @@ def pack_quads(codes: torch.Tensor, width: int) -> torch.Tensor:
     return data.permute(0, 2, 1, 3).reshape(groups, quads * 8 * width).to(torch.uint8)
 
 
-def int8_layer(prepared: "PreparedLayer") -> Int8Layer:
+def pack_nibbles(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """(groups * 16, n) codes of one width -> (groups, quads * 32) uint8, the AVX2 int8 kernel's layout: per
+    16-row group, quads of 4 columns in 32 bytes; byte k holds row 8 (k // 16) + (k % 16) // 2, the quad's column
+    k % 2 in its low nibble and column 2 + k % 2 in its high one; below 4 bits the odd column of each pair adds 8
+    (it looks up the upper half of the pair's 16-byte table)."""
+    rows, n = codes.shape
+    groups, quads = rows // 16, -(-n // 4)
+    padded = torch.zeros(rows, quads * 4, dtype=torch.int64)
+    padded[:, :n] = codes
+    nib = padded.view(groups, 2, 8, quads, 2, 2)           # group, lane, row in lane, quad, nibble, column of pair
+    if width < 4:
+        nib = nib + 8 * torch.arange(2)
+    byte = nib[:, :, :, :, 0, :] | (nib[:, :, :, :, 1, :] << 4)   # (groups, lane, row, quad, column of pair)
+    return byte.permute(0, 3, 1, 2, 4).reshape(groups, quads * 32).to(torch.uint8)
+
+
+def int8_layer(prepared: "PreparedLayer", kernel: int) -> Int8Layer:
+    """Int8-table kernel `kernel`'s view of `prepared` (its codes in quads for AVX-512, nibbles for AVX2)."""
     widths = prepared.widths.long()
     groups = -(-prepared.rows // 16)
     dense = torch.zeros(groups * 16, prepared.cols, dtype=torch.int64)
     if prepared.rows and prepared.cols:
         dense[: prepared.rows] = prepared.dense_codes()
-    parts = [pack_quads(dense[:, a:b], w) for a, b, w in width_runs(widths) if w <= INT8_MAX_WIDTH]
+    pack = pack_quads if kernel == ISAS["avx512"] else pack_nibbles
+    parts = [pack(dense[:, a:b], w) for a, b, w in width_runs(widths) if w <= INT8_MAX_WIDTH]
     codes8 = torch.cat(parts, 1) if parts else torch.zeros(groups, 0, dtype=torch.uint8)
     amax = torch.zeros(prepared.cols, dtype=torch.float32)
     for w in torch.unique(widths).tolist():
@@ -322,7 +351,7 @@ def int8_layer(prepared: "PreparedLayer") -> Int8Layer:
         index = prepared.cb_offset[cols].unsqueeze(1) + torch.arange(2 ** w)
         amax[cols] = prepared.codebooks[index].abs().amax(1)
     sizes = torch.zeros(2, dtype=torch.int64)
-    library().cmpq_int8_sizes(_ptr(prepared.widths), prepared.cols, sizes.data_ptr())
+    library().cmpq_int8_sizes(_ptr(prepared.widths), prepared.cols, kernel, sizes.data_ptr())
     flat = torch.cat([codes8.reshape(-1), torch.zeros(64, dtype=torch.uint8)])
     p, stride8 = prepared, codes8.shape[1]
     fixed = (p.rows, p.cols, _ptr(p.codes), _ptr(flat), stride8, _ptr(p.order), _ptr(p.widths), _ptr(p.codebooks),
@@ -356,7 +385,8 @@ def int8_reference(prepared: "PreparedLayer", x: torch.Tensor, bias: torch.Tenso
             tables = entries[start - a:end - a].unsqueeze(0) * xs[:, start:end].unsqueeze(-1)  # (tokens, m, 2^w)
             if w <= INT8_MAX_WIDTH:
                 top = tables.abs().amax(dim=(1, 2), keepdim=True)
-                inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+                # a true division, as the kernels do (torch's `127.0 / top` multiplies by a reciprocal)
+                inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, torch.zeros_like(top))
                 q = torch.round(tables * inv).clamp(-127, 127)
                 y += (q.gather(2, codes[:, start:end].T.unsqueeze(0).expand(x.shape[0], -1, -1)).sum(1)) * (top / 127).view(-1, 1)
             else:

@@ -269,8 +269,9 @@ class CMPQLinear(PackedLinear):
         if x2.dtype != dtype or not x2.is_contiguous():
             x2 = x2.to(dtype).contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
-        if tokens == 1 and native.use_int8_tables(self.tables, isa):
-            y = prepared.gemv_int8(x2, bias, threads)
+        int8 = native.use_int8_tables(self.tables, isa) if tokens == 1 else 0
+        if int8:
+            y = prepared.gemv_int8(x2, bias, threads, int8)
         else:
             y = prepared.gemv(x2, bias, isa, threads) if lut else prepared.matmul(x2, bias, isa, threads)
         y = y.view(*x.shape[:-1], self.out_features)
