@@ -1,9 +1,10 @@
 """Issue 5's speed numbers in one command: packed smollm2-135m models at 2.5 / 3 / 4 honest bpw (and 3 bpw with a
-quantized head) are saved under runs/speed/ (once; reused when present in the current format version), then `cmpq bench kernels` and
-`cmpq bench decode` write benchmarks/results/{kernels,decode}.{jsonl,md}, and the file sizes of the saved
-models with their bpw go to benchmarks/results/files.md. On a CPU without AVX-512 the kernel and decode results
-go to benchmarks/results/<isa>/ and the README blocks `kernels-<isa>` and `decode-<isa>` instead, so the
-numbers of both kinds of machine stay side by side.
+quantized head) are saved under runs/speed/ (once; reused when present in the current format version), then
+`cmpq bench kernels` and `cmpq bench decode` (each packed model with exact float look-up tables and with the
+default ones) write benchmarks/results/{kernels,decode}.{jsonl,md}, and the file sizes of the saved models with
+their bpw go to benchmarks/results/files.md. On a CPU without AVX-512 the kernel and decode results go to
+benchmarks/results/<isa>/ and the README blocks `kernels-<isa>` and `decode-<isa>` instead, so the numbers of
+both kinds of machine stay side by side.
 
 Run it on an otherwise idle machine: every number is a ratio of two timings taken side by side in one process.
 """
@@ -90,7 +91,9 @@ def main() -> None:
     results, _ = speed_results()
     if not args.skip_kernels:
         cmpq("bench", "kernels", "--out", str(results))
-    cmpq("bench", "decode", "--models", ",".join(["smollm2-135m", *map(str, paths)]), "--out", str(results),
+    # each packed model twice: exact float look-up tables, then the default (int8 tables where the CPU has them)
+    models = ["smollm2-135m", *(spec for path in paths for spec in (f"{path}:float", str(path)))]
+    cmpq("bench", "decode", "--models", ",".join(models), "--out", str(results),
          "--new-tokens", args.new_tokens, "--repeats", args.repeats)
     render_readme()
 
