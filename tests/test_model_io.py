@@ -141,7 +141,7 @@ def test_generation_from_a_saved_model_matches_the_in_memory_model(quantized):
     assert torch.equal(greedy[0, 8:], reference)
 
 
-def test_cli_saves_and_generates(quantized, tmp_path, capsys):
+def test_cli_saves_and_generates(quantized, tmp_path, capsys, monkeypatch):
     from cmpq.cli import main
     from cmpq.models.tiny import save_tiny
 
@@ -158,6 +158,14 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().err
     assert main(["generate", "--model", str(out), "--prompt", "hello", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
+    if native.int8_supported():  # without --tables, $CMPQ_TABLES (float here, conftest) decides
+        from cmpq.packed import cmpq_layer
+
+        seen, real = [], cmpq_layer.CMPQLinear.forward
+        with monkeypatch.context() as patch:
+            patch.setattr(cmpq_layer.CMPQLinear, "forward", lambda self, x: seen.append(self.tables) or real(self, x))
+            assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+        assert seen and set(seen) == {None}
     assert main(["generate", "--model", str(source), "--prompt", "hello", "--tables", "int8"]) == 2
     assert "no CMPQ layers" in capsys.readouterr().err
     if native.int8_supported():

@@ -261,10 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the logits of tokens already seen by P (CTRL's penalty, as in transformers); the "
                         "default keeps greedy decoding of low-bit models (and often of the float model) from "
                         "looping; 1 = plain greedy (default: %(default)s)")
-    g.add_argument("--tables", choices=("auto", "float", "int8"), default="auto",
-                   help="look-up tables of the quantized layers for each new token: auto (default) = int8 where the "
-                        "CPU has AVX2 or AVX-512 (about 2x faster layers, each table entry rounded to 8 bits of "
-                        "its block's largest: see the README's int8 tables), else float; float = exact")
+    g.add_argument("--tables", choices=("auto", "float", "int8"), default=None,
+                   help="look-up tables of the quantized layers for each new token: auto = int8 where the CPU has "
+                        "AVX2 or AVX-512 (about 2x faster layers, each table entry rounded to 8 bits of its "
+                        "block's largest: see the README's int8 tables), else float; float = exact (default: "
+                        "$CMPQ_TABLES, else auto)")
     g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
                        description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
@@ -474,7 +475,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from cmpq.packed.cmpq_layer import use_tables
 
     loaded = load_model(args.model)
-    if use_tables(loaded.model, args.tables) == 0 and args.tables == "int8":
+    if args.tables is not None and use_tables(loaded.model, args.tables) == 0 and args.tables == "int8":
         raise CmpqError(f"--tables {args.tables} applies to CMPQ-quantized models; {args.model} has no CMPQ layers")
     result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.chat,
                       args.repetition_penalty)
