@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "2.5/3/4 bits, batch 1/4/16/128; decode: tokens/s of --models with the same generation loop")
     b.add_argument("--models", default="smollm2-135m", metavar="M1,M2,...",
                    help="decode: models to compare, the first being the reference (default: %(default)s; add "
-                        "directories saved by `cmpq quantize --out`; DIR:float or DIR:int8 forces its one-token look-up tables, "
-                        "which are otherwise auto)")
+                        "directories saved by `cmpq quantize --out`; DIR:float or DIR:int8 forces its one-token "
+                        "look-up tables, which are otherwise auto)")
     b.add_argument("--new-tokens", type=_positive_int, default=64, help="decode: tokens per generation "
                                                                          "(default: %(default)s)")
     b.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")

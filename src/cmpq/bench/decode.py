@@ -124,8 +124,9 @@ def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: i
         quant = getattr(model.model.config, "quantization_config", None)
         quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
         head = (quant or {}).get("head") or {}
-        records.append({"benchmark": "decode", "model": spec, "tables": split_spec(spec)[1] or auto_tables(), **speed, "bpw": (quant or {}).get("bpw"),
-                        "head_bpw": head.get("bpw"), "profile": profile_step(model), **environment()})
+        records.append({"benchmark": "decode", "model": spec, "tables": split_spec(spec)[1] or auto_tables(), **speed,
+                        "bpw": (quant or {}).get("bpw"), "head_bpw": head.get("bpw"), "profile": profile_step(model),
+                        **environment()})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

@@ -889,7 +889,7 @@ T512I static void build_int8_run(const layer_t *L, const float *x, const float *
         const float top = int8_block_top(L, x, amax, a, n, b, &first, &m);
         const float inv = top > 0.0f ? 127.0f / top : 0.0f;
         scales[b] = top / 127.0f;
-        int8_t *t = T8 + b * ((int64_t)INT8_BLOCK << w);
+        int8_t *t = T8 + b * int8_block_bytes(w, 2);
         const __mmask16 lanes = (__mmask16)((1u << entries) - 1);
         const __m512 vinv = _mm512_set1_ps(inv);
         const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
@@ -931,7 +931,7 @@ T512I static inline AI void seg_int8(const int8_t *T8, const float *scales, int6
         const int64_t q1 = q0 + INT8_BLOCK / 4 < quads ? q0 + INT8_BLOCK / 4 : quads;
         for (int64_t q = q0; q < q1; ++q) {
             const int64_t in_block = q - q0;
-            const __m512i table = _mm512_loadu_si512(T8 + b * ((int64_t)INT8_BLOCK << W) + (in_block / per_table) * 64);
+            const __m512i table = _mm512_loadu_si512(T8 + b * int8_block_bytes(W, 2) + (in_block / per_table) * 64);
             const __m512i vs = _mm512_add_epi8(vslot, _mm512_set1_epi8((char)((in_block % per_table) * (4 << W))));
             const uint8_t *p = p8 + q * 8 * W;
 #pragma GCC unroll 4

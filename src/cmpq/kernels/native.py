@@ -106,10 +106,11 @@ def use_int8_tables(requested: str | None, isa: int) -> int:
     """The int8-table kernel (an ISA code; 0: exact float tables) of a one-token call with ISA code `isa` (-1: the
     best): under "auto" and "int8" the one that ISA has (none on the portable path; "int8" then warns once),
     under "float" none."""
-    if table_mode(requested) == "float":
+    mode = table_mode(requested)
+    if mode == "float":
         return 0
     kernel = int8_isa(isa)
-    if kernel == 0 and table_mode(requested) == "int8":
+    if kernel == 0 and mode == "int8":
         warn_int8_unsupported()
     return kernel
 
@@ -305,13 +306,19 @@ def width_runs(widths: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
-def pack_quads(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """(groups * 16, n) codes of one width -> (groups, quads * 8 * width) uint8: per 16-row group, quads of 4
-    columns, row r and column c of a quad at bits (4 r + c) * width (rows 2q, 2q + 1 in bytes q*w .. q*w + w - 1)."""
+def _quad_padded(codes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(groups * 16, n) codes -> (codes with zero columns up to a multiple of 4, groups, quads)."""
     rows, n = codes.shape
     groups, quads = rows // 16, -(-n // 4)
     padded = torch.zeros(rows, quads * 4, dtype=torch.int64)
     padded[:, :n] = codes
+    return padded, groups, quads
+
+
+def pack_quads(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """(groups * 16, n) codes of one width -> (groups, quads * 8 * width) uint8: per 16-row group, quads of 4
+    columns, row r and column c of a quad at bits (4 r + c) * width (rows 2q, 2q + 1 in bytes q*w .. q*w + w - 1)."""
+    padded, groups, quads = _quad_padded(codes)
     pairs = padded.view(groups, 8, 2, quads, 4)
     shifts = ((torch.arange(2).view(2, 1) * 4 + torch.arange(4).view(1, 4)) * width).view(1, 1, 2, 1, 4)
     value = (pairs << shifts).sum(dim=(2, 4))                                   # (groups, 8, quads): 8w bits
@@ -324,10 +331,7 @@ def pack_nibbles(codes: torch.Tensor, width: int) -> torch.Tensor:
     16-row group, quads of 4 columns in 32 bytes; byte k holds row 8 (k // 16) + (k % 16) // 2, the quad's column
     k % 2 in its low nibble and column 2 + k % 2 in its high one; below 4 bits the odd column of each pair adds 8
     (it looks up the upper half of the pair's 16-byte table)."""
-    rows, n = codes.shape
-    groups, quads = rows // 16, -(-n // 4)
-    padded = torch.zeros(rows, quads * 4, dtype=torch.int64)
-    padded[:, :n] = codes
+    padded, groups, quads = _quad_padded(codes)
     nib = padded.view(groups, 2, 8, quads, 2, 2)           # group, lane, row in lane, quad, nibble, column of pair
     if width < 4:
         nib = nib + 8 * torch.arange(2)
