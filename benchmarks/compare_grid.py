@@ -1,46 +1,49 @@
-"""Issue 6's grid on smollm2-135m (quick protocol): every method at 2 / 2.5 / 3 / 3.5 / 4 bits, and CMPQ without
-error feedback at 2.5 / 3 / 4 (what GPTQ's compensation adds). Runs the cells `cmpq compare` would (one
-process each, resumable) into benchmarks/results/compare/results.jsonl, renders compare.md / compare.png there and
-the README block `compare`. `--reuse FILE` counts matching records of another store as measured.
+"""The headline comparison on smollm2-135m (quick protocol): cmpq as `cmpq quantize` runs it (distillation
+included) and the quantizer alone, beside RTN, GPTQ, AWQ and SqueezeLLM at the widths they store, on the same
+calibration tokens and evaluation windows.
+
+Runs the cells `cmpq compare` would (one process each, resumable) into
+benchmarks/results/quality/smollm2-quick/methods.jsonl; `make report` renders the tables and the plot from it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, update_readme  # noqa: E402
-
-from cmpq import compare  # noqa: E402
+from cmpq import compare
 
 MODEL = "smollm2-135m"
-OUT = RESULTS / "compare"
-GRIDS = (("float,rtn,gptq,awq,quip,squeezellm,llmmq,cmpq,smoothquant", (2, 2.5, 3, 3.5, 4)),
-         ("cmpq-noef", (2.5, 3, 4)))
+STORE = Path(__file__).parent / "results" / "quality" / "smollm2-quick" / "methods.jsonl"
+# (methods, bit targets), in the order they are measured: the most telling cells first
+GRIDS = (("float,cmpq,cmpq-nodistill,gptq,awq,rtn,squeezellm", (3,)),
+         ("cmpq,cmpq-nodistill,gptq,awq,rtn,squeezellm", (4,)),
+         ("cmpq,cmpq-nodistill", (2.5,)),
+         ("cmpq-nodistill", (2, 3.5)))
 
 
 def cells() -> list[compare.GridCell]:
-    return [c for methods, bits in GRIDS for c in compare.grid(methods.split(","), list(bits))]
+    seen: set[str] = set()
+    out = []
+    for methods, bits in GRIDS:
+        for cell in compare.grid(methods.split(","), list(bits)):
+            key = f"{cell.name} {cell.setting}"
+            if key not in seen:
+                seen.add(key)
+                out.append(cell)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--render", action="store_true", help="only render from stored records")
-    parser.add_argument("--reuse", action="append", default=[], type=Path)
+    parser.add_argument("--threads", type=int, help="torch threads per cell (default: torch's choice)")
     args = parser.parse_args()
     calib = compare.calibration("quick", "float32")
-    store = OUT / "results.jsonl"
-    if not args.render:
-        OUT.mkdir(parents=True, exist_ok=True)
-        compare.run(cells(), MODEL, calib, "quick", store, args.reuse, progress=False)
-    rows = compare.results(cells(), MODEL, calib, "quick", store, args.reuse)
-    table = compare.render_table(rows, MODEL, calib, "quick")
-    (OUT / "compare.md").write_text(table, encoding="utf-8")
-    compare.render_plot(rows, OUT / "compare.png", MODEL, "quick")
-    update_readme("compare", table)
-    print(table)
+    STORE.parent.mkdir(parents=True, exist_ok=True)
+    failed = compare.run(cells(), MODEL, calib, "quick", STORE, [], threads=args.threads, progress=False)
+    rows = compare.results(cells(), MODEL, calib, "quick", STORE, [])
+    print(compare.render_table(rows, MODEL, calib, "quick"))
+    raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":

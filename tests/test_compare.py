@@ -31,9 +31,27 @@ def test_cells_carry_complete_configs_that_match_their_records():
     calib = compare.calibration("quick", "float32")
     assert (calib.nsamples, calib.seqlen) == (32, 512)
     assert cells["cmpq"].key("m", calib, "quick") != cells["cmpq-noef"].key("m", calib, "quick")
-    # every cmpq cell is the quantizer alone: distillation (the CLI's default for the best preset) is off
+    # "cmpq" is what `cmpq quantize` runs (the preset's distillation included); the variants are the quantizer alone
     command = compare.command(cells["cmpq"], "m", calib, "quick", Path("s.jsonl"), None, False)
+    assert command[command.index("--distill") + 1] == "3"
+    command = compare.command(cells["cmpq-noef"], "m", calib, "quick", Path("s.jsonl"), None, False)
     assert command[command.index("--distill") + 1] == "0"
+
+
+def test_distillation_is_part_of_a_cells_key():
+    from cmpq.eval.grid import record_key
+
+    cells = {c.name: c.cell for c in compare.grid(["cmpq", "cmpq-nodistill"], [3])}
+    calib = compare.calibration("quick", "float32")
+    assert cells["cmpq"].options == cells["cmpq-nodistill"].options
+    assert cells["cmpq"].key("m", calib, "quick") != cells["cmpq-nodistill"].key("m", calib, "quick")
+    record = {"model": "m", "method": "cmpq", "config": cells["cmpq"].options, "protocol": "quick",
+              "calibration": {"used": True, "source": calib.source, "nsamples": calib.nsamples,
+                              "seqlen": calib.seqlen, "seed": calib.seed, "resolved_dtype": "float32",
+                              "distill": {"epochs": 3}}}
+    assert record_key(record) == cells["cmpq"].key("m", calib, "quick")
+    record["calibration"].pop("distill")
+    assert record_key(record) == cells["cmpq-nodistill"].key("m", calib, "quick")
 
 
 def test_bad_methods_and_targets_fail_before_any_work():
@@ -97,7 +115,7 @@ def test_integer_valued_targets_are_one_cell_and_a_quantized_head_is_another():
     from cmpq.eval.grid import record_key
 
     calib = compare.calibration("quick", "float32")
-    three = compare.grid(["cmpq"], [3])[0].cell
+    three = compare.grid(["cmpq-nodistill"], [3])[0].cell
     record = {"model": "m", "method": "cmpq", "config": {**three.options, "bits": 3.0}, "protocol": "quick",
               "calibration": {"used": True, "source": "c4", "nsamples": 32, "seqlen": 512, "seed": 0,
                               "resolved_dtype": "float32"}}

@@ -295,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bpw; cmpq and llmmq meet fractional targets; smoothquant runs once as W8A8.")
     c.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     c.add_argument("--methods", default="float,rtn,gptq,awq,quip,squeezellm,llmmq,cmpq", metavar="M1,M2,...",
-                   help="methods (default: %(default)s); also cmpq-noef (cmpq without error feedback), cmpq-paper, "
-                        "smoothquant")
+                   help="methods (default: %(default)s). cmpq is exactly what `cmpq quantize` runs (its distillation "
+                        "included); also cmpq-nodistill (the quantizer alone), cmpq-layer (one budget per layer), "
+                        "cmpq-noef (per layer, without error feedback), cmpq-paper (the method as published), "
+                        "smoothquant (W8A8)")
     c.add_argument("--bits", default="2,2.5,3,3.5,4", metavar="B1,B2,...",
                    help="bit targets (default: %(default)s)")
     c.add_argument("--protocol", choices=("quick", "full"), default="quick",

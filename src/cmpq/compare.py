@@ -24,19 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from cmpq.config import CalibConfig
+from cmpq.distill import default_epochs as default_distill
 from cmpq.errors import ConfigError
 from cmpq.eval.grid import Cell, jsonable, record_key
 from cmpq.eval.records import read_records
 from cmpq.quantizers import get_quantizer
 
-# compare name -> (registered method, preset, fixed options)
-TARGET_METHODS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
-    # ours: the best setting with a per-layer budget (the preset until session 11; what the stored grid measured)
-    "cmpq": ("cmpq", "best", {"allocation_scope": "layer"}),
-    "cmpq-noef": ("cmpq", "best", {"allocation_scope": "layer", "error_feedback": False}),  # what error feedback adds
-    "cmpq-fisher": ("cmpq", "best", {}),  # the preset since session 11: model-wide budget, Fisher-scaled layers
-    "cmpq-paper": ("cmpq", "paper", {}),                         # the method as published
-    "llmmq": ("llmmq", None, {}),
+# compare name -> (registered method, preset, fixed options, distillation epochs: None = the preset's default)
+TARGET_METHODS: dict[str, tuple[str, str | None, dict[str, Any], int | None]] = {
+    "cmpq": ("cmpq", "best", {}, None),              # exactly what `cmpq quantize --bits B` runs
+    "cmpq-nodistill": ("cmpq", "best", {}, 0),       # the quantizer alone (`--distill 0`)
+    "cmpq-layer": ("cmpq", "best", {"allocation_scope": "layer"}, 0),  # one budget per layer, not per model
+    "cmpq-noef": ("cmpq", "best", {"allocation_scope": "layer", "error_feedback": False}, 0),  # what GPTQ's
+    # error compensation adds
+    "cmpq-paper": ("cmpq", "paper", {}, 0),          # the method as published
+    "llmmq": ("llmmq", None, {}, 0),
 }
 INTEGER_METHODS: dict[str, dict[str, Any]] = {
     "rtn": {"group_size": 128}, "gptq": {"group_size": 128}, "awq": {"group_size": 128}, "quip": {},
@@ -116,11 +118,13 @@ def grid(methods: list[str], targets: list[float]) -> list[GridCell]:
                                        INTEGER_METHODS[name] else ""),
                          _cell(name, None, {**INTEGER_METHODS[name], "bits": w})) for w in widths]
         else:
-            method, preset, fixed = TARGET_METHODS[name]
-            settings = [(f"@ {b:g}", _cell(method, preset, {**fixed, "bits": _number(b)})) for b in sorted(set(targets))]
+            method, preset, fixed, epochs = TARGET_METHODS[name]
+            distill = default_distill(method, preset) if epochs is None else epochs
+            settings = [(f"@ {b:g}", _cell(method, preset, {**fixed, "bits": _number(b)}, distill))
+                        for b in sorted(set(targets))]
         seen: set[str] = set()
         for setting, cell in settings:
-            key = json.dumps([cell.method, cell.options], sort_keys=True)
+            key = json.dumps([cell.method, cell.options, cell.distill], sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 cells.append(GridCell(name, setting, cell))
@@ -131,9 +135,9 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def _cell(method: str, preset: str | None, options: dict[str, Any]) -> Cell:
+def _cell(method: str, preset: str | None, options: dict[str, Any], distill: int = 0) -> Cell:
     """A cell with the method's complete config, so that the record and the cell agree field by field."""
-    return Cell(method, jsonable(get_quantizer(method, preset=preset, **options).config))
+    return Cell(method, jsonable(get_quantizer(method, preset=preset, **options).config), distill)
 
 
 def calibration(protocol: str, dtype: str) -> CalibConfig:
@@ -154,7 +158,7 @@ def command(cell: Cell, model: str, calib: CalibConfig, protocol: str, store: Pa
                 "--seqlen", str(calib.seqlen), "--seed", str(calib.seed), "--calib-dtype", calib.dtype,
                 "--protocol", protocol, "--json", str(store)]
         if cell.method == "cmpq":
-            cmd += ["--distill", "0"]  # the grid compares quantizers; model-wide training is measured apart
+            cmd += ["--distill", str(cell.distill)]
     cmd += extras.args()
     if threads:
         cmd += ["--threads", str(threads)]

@@ -34,18 +34,24 @@ def _canonical(value: Any) -> Any:
 
 
 def _key(model: str, method: str, config: dict | None, calib: list | None, protocol: str | None,
-         head: dict | None = None) -> str:
-    """`head`: the quantized output head's config (`--quantize-head`), None when the head stays float."""
-    return json.dumps(_canonical({"model": model, "method": method, "config": config, "calib": calib,
-                                  "protocol": protocol, "head": head}), sort_keys=True)
+         head: dict | None = None, distill: int = 0) -> str:
+    """`head`: the quantized output head's config (`--quantize-head`), None when the head stays float;
+    `distill`: epochs of end-to-end distillation (in the key only when there were some, so that records of
+    runs without it keep their key)."""
+    fields = {"model": model, "method": method, "config": config, "calib": calib, "protocol": protocol, "head": head}
+    if distill:
+        fields["distill"] = distill
+    return json.dumps(_canonical(fields), sort_keys=True)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration to measure: `method` "float" or a registered quantizer with its options."""
+    """One configuration to measure: `method` "float" or a registered quantizer with its options, and the
+    epochs of end-to-end distillation after it (`--distill`)."""
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
+    distill: int = 0
 
     def full_options(self) -> dict[str, Any] | None:
         """Every field of the method's config (JSON types), or None for the float model."""
@@ -57,7 +63,7 @@ class Cell:
         quantizer = get_quantizer(self.method, **self.options)
         used = [calib.source, calib.nsamples, calib.seqlen, calib.seed,
                 str(resolve_dtype(calib.dtype)).removeprefix("torch.")] if quantizer.calibration_needs() else None
-        return _key(model, self.method, jsonable(quantizer.config), used, protocol)
+        return _key(model, self.method, jsonable(quantizer.config), used, protocol, distill=self.distill)
 
 
 def record_key(record: dict[str, Any]) -> str:
@@ -72,4 +78,5 @@ def record_key(record: dict[str, Any]) -> str:
     used = [calib["source"], calib["nsamples"], calib["seqlen"], calib["seed"],
             calib.get("resolved_dtype", "float32")] if calib.get("used") else None  # float32: before bf16 existed
     head = (record.get("head") or {}).get("config")
-    return _key(record["model"], record["method"], config, used, record["protocol"], head)
+    distill = (calib.get("distill") or {}).get("epochs", 0)
+    return _key(record["model"], record["method"], config, used, record["protocol"], head, distill)

@@ -54,9 +54,42 @@ def unquantized_storage(model: nn.Module, quantized: set[str]) -> dict[str, Any]
 _COMMIT_AT_IMPORT = git_commit()
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (e.g. "AMD EPYC 9R14"), else the platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gib() -> float | None:
+    """Physical memory of the machine in GiB (Linux), None where it cannot be read."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """What a speed or cost number depends on: CPU model, the kernels' ISAs (supported, and the one in use),
+    cores and memory. Every record carries it, so a table can say which machine produced it."""
+    from cmpq.kernels import native
+
+    isas = list(native.supported_isas())
+    requested = os.environ.get("CMPQ_ISA", "auto")
+    best = max(isas, key=lambda name: native.ISAS[name], default="reference")  # codes grow with the ISA's width
+    in_use = best if requested == "auto" else requested
+    return {"cpu": cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(), "memory_gib": memory_gib(),
+            "isas": isas, "isa": in_use,
+            "int8_tables": native.library() is not None and native.int8_supported()}
+
+
 def environment() -> dict[str, Any]:
     return {"threads": torch.get_num_threads(), "git_commit": _COMMIT_AT_IMPORT, "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
+            "python": platform.python_version(), "machine": machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
