@@ -21,12 +21,12 @@ from cmpq.quantizers.cmpq.quantizer import PRESETS  # noqa: E402
 MODEL = "smollm2-135m"
 TARGETS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
 ABLATION_TARGETS = (2.5, 3.0)
-PAPER = dict(PRESETS["paper"])
+PAPER = dict(PRESETS["paper"].options)
 # Chosen from the "explore @ 3.0" rows: error-driven allocation, int8 codebooks and error feedback each helped.
 # The "CMPQ best" rows keep this per-layer setting (the preset until session 11); the preset itself now adds a
 # model-wide budget with Fisher-scaled layer errors, measured in the "CMPQ best, model-wide Fisher" rows.
 BEST = {**PAPER, "allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8", "error_feedback": True}
-BEST_FISHER = dict(PRESETS["best"])
+BEST_FISHER = dict(PRESETS["best"].options)
 FISHER_TARGETS = (2.5, 3.0, 4.0)
 ABLATIONS = {
     "allocation by random order": {"allocation": "random"},

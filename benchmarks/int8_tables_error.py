@@ -26,7 +26,7 @@ import cmpq
 from cmpq.data.sources import WIKITEXT2_TEST, find_data_file, wikitext2_rows
 from cmpq.models.load import load_model
 from cmpq.kernels import native
-from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.formats.cmpq import CMPQLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from store import publish  # noqa: E402

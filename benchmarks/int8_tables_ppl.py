@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import cmpq
 from cmpq.data.sources import WIKITEXT2_TEST, find_data_file, wikitext2_rows
 from cmpq.kernels import native
-from cmpq.packed.cmpq_layer import use_tables
+from cmpq.formats.cmpq import use_tables
 
 sys.path.insert(0, str(Path(__file__).parent))
 from store import publish  # noqa: E402

@@ -15,7 +15,8 @@ from cmpq import workflow
 from cmpq.config import CalibConfig, EvalConfig
 from cmpq.eval.grid import Cell, record_key
 from cmpq.eval.records import append_record, read_records
-from cmpq.models.load import LoadedModel, load_model
+from cmpq.models.load import load_model
+from cmpq.models.loaded import LoadedModel
 from cmpq.quantizers import get_quantizer
 
 RESULTS = Path(__file__).parent / "results"

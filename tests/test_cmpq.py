@@ -244,17 +244,19 @@ def test_fisher_scope_on_a_model_meets_the_target(monkeypatch):
     assert 2.94 <= result.storage().bpw <= 3.0
 
 
-def test_cli_gives_a_non_error_allocation_a_per_layer_budget():
-    from cmpq.cli import _method_options, build_parser
+def test_a_non_error_allocation_over_the_best_preset_gets_a_per_layer_budget():
+    from cmpq.cli import _quantize_job, build_parser
 
-    def options(*flags):
-        return _method_options(build_parser().parse_args(["quantize", "--bits", "2.5", *flags]))
+    def scope(*flags):
+        job = _quantize_job(build_parser().parse_args(["quantize", "--bits", "2.5", *flags]))
+        return job.quantizer().config.allocation_scope
 
-    assert "allocation_scope" not in options()  # the preset's model-wide budget
-    assert options("--allocation", "activation")["allocation_scope"] == "layer"
-    assert options("--allocation", "error").get("allocation_scope") is None
+    assert scope() == "model"  # the preset's model-wide budget
+    assert scope("--allocation", "activation") == "layer"
+    assert get_quantizer("cmpq", preset="best", allocation="activation").config.allocation_scope == "layer"
+    assert scope("--allocation", "error") == "model"
     with pytest.raises(ConfigError, match="allocation_scope"):
-        get_quantizer("cmpq", preset="best", **options("--allocation", "activation", "--allocation-scope", "model"))
+        scope("--allocation", "activation", "--allocation-scope", "model")
     assert CMPQConfig(allocation_scope="layer", scope_error="fisher").scope_error == "absolute"
 
 

@@ -225,11 +225,25 @@ def test_cli_distill_tokens_caps_the_windows(tiny_dir, tmp_path):
     (["--preset", "paper", "--distill", "2", "--distill-tokens", "all"], 2, None),
 ])
 def test_cli_distillation_defaults_follow_the_method_and_preset(flags, epochs, tokens):
-    from cmpq.cli import _distill_config, build_parser
+    from cmpq.cli import _quantize_job, build_parser
 
-    args = build_parser().parse_args(["quantize", "--bits", "2.5", *flags])
-    config = _distill_config(args, args.preset or "best")
+    job = _quantize_job(build_parser().parse_args(["quantize", "--bits", "2.5", *flags]))
+    config = job.distill_config(job.quantizer())
     assert (config.epochs, config.tokens) == (epochs, tokens)
+
+
+def test_the_best_preset_is_what_cmpq_quantize_runs():
+    """One definition: the library's preset, the CLI's job and `cmpq compare`'s cell agree, distillation too."""
+    from cmpq import compare
+    from cmpq.cli import _quantize_job, build_parser
+    from cmpq.workflow import QuantizeJob
+
+    job = _quantize_job(build_parser().parse_args(["quantize", "--bits", "2.5"]))
+    library = get_quantizer("cmpq", preset="best", bits=2.5)
+    assert job.quantizer().config == library.config == QuantizeJob(options={"bits": 2.5}).quantizer().config
+    assert job.distill_config(job.quantizer()).epochs == library.distill_epochs() == 3
+    cell = compare.grid(["cmpq"], [2.5])[0].cell
+    assert cell.distill == 3 and cell.options["allocation_scope"] == library.config.allocation_scope == "model"
 
 
 def test_cli_refuses_distill_for_other_methods(capsys):

@@ -42,7 +42,7 @@ def test_lookup_index_puts_outliers_after_the_codebooks_in_their_order():
 
 
 def test_with_values_keeps_the_int8_grid_unless_values_leave_it():
-    from cmpq.packed.synthetic import random_cmpq_layer
+    from cmpq.formats.synthetic import random_cmpq_layer
 
     layer = random_cmpq_layer(32, 24, torch.tensor([1, 2, 3] * 8), nnz=10, codebook="int8")
     theta, _ = layer.lookup_values()
@@ -143,7 +143,7 @@ def test_finetune_runs_under_no_grad_and_in_the_models_precision(dtype):
 def test_a_fine_tuned_model_saves_says_so_and_round_trips(tmp_path):
     import json
 
-    from cmpq.models.load import LoadedModel
+    from cmpq.models.loaded import LoadedModel
     from cmpq.models.tiny import tiny_tokenizer
     from cmpq.packed.model_io import load, save_quantized
 

@@ -9,9 +9,9 @@ import torch
 from cmpq.errors import ConfigError
 from cmpq.head import head_quantizer, output_head
 from cmpq.models.arch import find_arch
-from cmpq.models.load import LoadedModel
+from cmpq.models.loaded import LoadedModel
 from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
-from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.formats.cmpq import CMPQLinear
 from cmpq.packed.model_io import WEIGHTS, load, save_quantized
 from cmpq.pipeline import quantize_model
 from cmpq.quantizers import get_quantizer

@@ -179,7 +179,7 @@ def test_cli_cmpq_then_inspect(tiny_dir, tmp_path, capsys):
                  "--seqlen", "32", "--eval", "none", "--no-progress"])
     from cmpq.quantizers.cmpq.quantizer import PRESETS
 
-    assert {k: paper["config"][k] for k in PRESETS["paper"]} == PRESETS["paper"]
+    assert {k: paper["config"][k] for k in PRESETS["paper"].options} == PRESETS["paper"].options
     layer = record["layers"]["model.layers.0.mlp.down_proj"]
     assert sum(layer["widths"].values()) == 80 and layer["outliers"] == round(0.005 * 48 * 80)
     capsys.readouterr()

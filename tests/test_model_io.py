@@ -10,9 +10,9 @@ import cmpq
 from cmpq.errors import CmpqError, FormatError
 from cmpq.kernels import native
 from cmpq.models.arch import find_arch
-from cmpq.models.load import LoadedModel
+from cmpq.models.loaded import LoadedModel
 from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
-from cmpq.packed.cmpq_layer import CMPQLinear
+from cmpq.formats.cmpq import CMPQLinear
 from cmpq.packed.hf import FORMAT_VERSION
 from cmpq.packed.model_io import WEIGHTS, load, save_quantized
 from cmpq.pipeline import quantize_model
@@ -159,7 +159,7 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys, monkeypatch):
     assert main(["generate", "--model", str(out), "--prompt", "hello", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
     if native.int8_supported():  # without --tables, $CMPQ_TABLES (float here, conftest) decides
-        from cmpq.packed import cmpq_layer
+        from cmpq.formats import cmpq as cmpq_layer
 
         seen, real = [], cmpq_layer.CMPQLinear.forward
         with monkeypatch.context() as patch:
@@ -240,7 +240,7 @@ def test_decode_benchmark_alternates_models_and_takes_the_median_of_per_round_ra
 
 @pytest.mark.parametrize("group_size", [None, 16])
 def test_rtn_models_save_and_load_through_the_same_format(tmp_path, group_size):
-    from cmpq.packed.uniform_layer import UniformLinear
+    from cmpq.formats.uniform import UniformLinear
 
     model = tiny_model("llama", seed=0)
     loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), arch=find_arch(model), spec="tiny", source="tiny")

@@ -5,8 +5,8 @@ import torch
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.errors import FormatError
-from cmpq.packed.codes import pack_codes, pack_stream, padded_rows, unpack_codes, unpack_stream
-from cmpq.packed.cmpq_layer import CMPQLinear, unpack_cmpq
+from cmpq.formats.bitpack import pack_codes, pack_stream, padded_rows, unpack_codes, unpack_stream
+from cmpq.formats.cmpq import CMPQLinear, unpack_cmpq
 from cmpq.quantizers import get_quantizer
 
 

@@ -80,7 +80,7 @@ def test_packed_real_model_round_trips_and_its_file_matches_the_accounting(smoll
     and the native kernels give the reference logits."""
     from transformers import AutoModelForCausalLM
 
-    from cmpq.models.load import LoadedModel
+    from cmpq.models.loaded import LoadedModel
     from cmpq.packed.model_io import WEIGHTS, save_quantized
 
     model = copy.deepcopy(smollm2.model)

@@ -4,8 +4,8 @@ Run: `python benchmarks/microbench/call_parts.py`."""
 import torch
 from cmpq.bench.kernels import median_seconds, copy_bandwidth
 from cmpq.kernels import native
-from cmpq.packed.cmpq_layer import CMPQLinear
-from cmpq.packed.synthetic import mixed_widths, random_cmpq_layer
+from cmpq.formats.cmpq import CMPQLinear
+from cmpq.formats.synthetic import mixed_widths, random_cmpq_layer
 rows, cols = 11008, 4096
 torch.set_num_threads(2)
 print(f"copy {copy_bandwidth()/1e9:.1f} GB/s")

@@ -6,8 +6,8 @@ tree's name and median ms per call over 31 repeats.
 """
 import sys, torch, cmpq
 from cmpq.bench.kernels import median_seconds
-from cmpq.packed.cmpq_layer import CMPQLinear
-from cmpq.packed.synthetic import mixed_widths, random_cmpq_layer
+from cmpq.formats.cmpq import CMPQLinear
+from cmpq.formats.synthetic import mixed_widths, random_cmpq_layer
 rows, cols = 11008, 4096
 out = []
 for bits in (3.0, 4.0):

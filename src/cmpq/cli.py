@@ -10,7 +10,7 @@ from typing import Any
 
 from cmpq.calibration.precision import CALIB_DTYPES
 from cmpq.config import EVAL_DATASETS, CalibConfig, EvalConfig
-from cmpq.distill import DistillConfig, default_epochs
+from cmpq.distill import DistillConfig
 from cmpq.errors import CmpqError, ConfigError
 from cmpq.finetune import TARGETS, FinetuneConfig
 
@@ -338,17 +338,24 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, field)
         if value is not None:
             options[field] = value
-    if options.get("allocation", "error") != "error" and "allocation_scope" not in options:
-        options["allocation_scope"] = "layer"  # the best preset's model-wide budget ranks by error: per layer then
     return {**options, **(args.options or {})}
 
 
-def _distill_config(args: argparse.Namespace, preset: str) -> DistillConfig:
-    """--distill as given, else the method and preset's default (see `default_epochs`)."""
-    epochs = default_epochs(args.method, preset) if args.distill is None else args.distill
-    if epochs and args.method != "cmpq":
-        raise ConfigError(f"--distill trains the values of lookup-quantized layers (cmpq), not {args.method}'s")
-    return DistillConfig(epochs=epochs, lr=args.distill_lr, topk=args.distill_topk, tokens=args.distill_tokens)
+def _quantize_job(args: argparse.Namespace):
+    """The `QuantizeJob` the flags of `cmpq quantize` describe."""
+    from cmpq.workflow import QuantizeJob
+
+    return QuantizeJob(
+        options=_method_options(args), model=args.model, method=args.method, preset=args.preset,
+        calib=CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                          dtype=args.calib_dtype),
+        head_bits=args.quantize_head,
+        finetune=FinetuneConfig(epochs=args.finetune, lr=args.finetune_lr, target=args.finetune_target),
+        distill=DistillConfig(epochs=args.distill, lr=args.distill_lr, topk=args.distill_topk,
+                              tokens=args.distill_tokens),
+        eval=EvalConfig(datasets=args.eval, protocol=args.protocol), tasks=_task_config(args),
+        kld=_kld_config(args), true_sequential=args.true_sequential, out=Path(args.out) if args.out else None,
+        overwrite=args.overwrite, json=Path(args.json) if args.json else None, progress=not args.no_progress)
 
 
 def _print_summary(record: dict[str, Any]) -> None:
@@ -381,73 +388,41 @@ def _print_summary(record: dict[str, Any]) -> None:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `argv`, run the command and return its record (raises CmpqError on user errors)."""
     from cmpq import workflow
-    from cmpq.data.sources import load_eval_text
-    from cmpq.eval.records import append_record, check_writable
-    from cmpq.head import head_quantizer
-    from cmpq.models.load import load_model
-    from cmpq.packed.model_io import WEIGHTS, check_saveable, check_target, save_quantized
-    from cmpq.quantizers import QUANTIZERS, get_quantizer
 
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
         return _inspect(args)
     workflow.set_threads(args.threads)
-    if args.command == "generate":
-        return _generate(args)
-    if args.command == "compare":
-        return _compare(args)
-    if args.command == "bench":
-        return _bench(args)
+    commands = {"generate": _generate, "compare": _compare, "bench": _bench, "eval": _evaluate}
+    if args.command in commands:
+        return commands[args.command](args)
+    record = workflow.run_quantize(_quantize_job(args))
+    _print_summary(record)
+    return record
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """`cmpq eval`: perplexity (and tasks, KL divergence) of a float or saved model."""
+    from cmpq import workflow
+    from cmpq.data.sources import load_eval_text
+    from cmpq.eval.records import append_record, check_writable
+    from cmpq.models.load import load_model
+
     progress = not args.no_progress
     if args.json:
         check_writable(args.json)
-    if args.command == "quantize":
-        # Validate everything that can fail before the model is loaded and before any long work.
-        preset = args.preset or QUANTIZERS[args.method].default_preset
-        quantizer = get_quantizer(args.method, preset=preset, **_method_options(args))
-        head = head_quantizer(args.quantize_head) if args.quantize_head is not None else None
-        calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                            dtype=args.calib_dtype)
-        finetune = FinetuneConfig(epochs=args.finetune, lr=args.finetune_lr, target=args.finetune_target)
-        if finetune.epochs and args.method != "cmpq":
-            raise ConfigError(f"--finetune trains the values of lookup-quantized layers (cmpq), not {args.method}'s")
-        distill = _distill_config(args, preset)
-        eval_config = EvalConfig(datasets=args.eval, protocol=args.protocol)
-        for name in eval_config.datasets:
-            load_eval_text(name)
-        if args.out:
-            check_saveable(args.method)
-            check_target(Path(args.out), args.overwrite)
-        tasks = _task_config(args)
-        kld = _kld_config(args)
-        loaded = load_model(args.model)
-        reference = workflow.kld_reference(loaded, kld, progress=progress) if kld else None  # while still float
-        result, calib_info = workflow.quantize(loaded, quantizer, calib, args.true_sequential, progress, head,
-                                                     finetune, distill)
-        ppl = workflow.evaluate(loaded, eval_config, progress)
-        record = workflow.quantization_record(loaded, quantizer, result, calib_info, ppl,
-                                              args.protocol if ppl else None, head)
-        record.update(workflow.extra_evaluations(loaded, tasks, reference, progress))
-        if args.out:
-            directory = save_quantized(loaded, result, quantizer, Path(args.out), overwrite=args.overwrite,
-                                       head=head)
-            record["file_bytes"] = (directory / WEIGHTS).stat().st_size
-            record["saved_to"] = str(directory)
-            print(f"saved to {directory} ({record['file_bytes']:,} bytes in {WEIGHTS})")
-    else:
-        eval_config = EvalConfig(datasets=args.ppl, protocol=args.protocol)
-        for name in eval_config.datasets:
-            load_eval_text(name)
-        tasks = _task_config(args)
-        kld = _kld_config(args)
-        loaded = load_model(args.model)
-        ppl, seconds = workflow.timed(workflow.evaluate, loaded, eval_config, progress)
-        record = workflow.float_record(loaded, ppl, args.protocol, seconds)
-        reference = None
-        if kld:
-            reference = workflow.kld_reference(loaded, kld, args.kld_reference or workflow.base_model(loaded),
-                                               progress)
-        record.update(workflow.extra_evaluations(loaded, tasks, reference, progress, args.show))
+    eval_config = EvalConfig(datasets=args.ppl, protocol=args.protocol)
+    for name in eval_config.datasets:
+        load_eval_text(name)
+    tasks = _task_config(args)
+    kld = _kld_config(args)
+    loaded = load_model(args.model)
+    ppl, seconds = workflow.timed(workflow.evaluate, loaded, eval_config, progress)
+    record = workflow.float_record(loaded, ppl, args.protocol, seconds)
+    reference = None
+    if kld:
+        reference = workflow.kld_reference(loaded, kld, args.kld_reference or workflow.base_model(loaded), progress)
+    record.update(workflow.extra_evaluations(loaded, tasks, reference, progress, args.show))
     if args.json:
         append_record(args.json, record)
     _print_summary(record)
@@ -474,7 +449,7 @@ def _kld_config(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from cmpq.generate import generate
     from cmpq.models.load import load_model
-    from cmpq.packed.cmpq_layer import use_tables
+    from cmpq.formats.cmpq import use_tables
 
     loaded = load_model(args.model)
     if args.tables is not None and use_tables(loaded.model, args.tables) == 0 and args.tables == "int8":

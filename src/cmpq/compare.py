@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from cmpq.config import CalibConfig
-from cmpq.distill import default_epochs as default_distill
 from cmpq.errors import ConfigError
 from cmpq.eval.grid import Cell, jsonable, record_key
 from cmpq.eval.records import read_records
@@ -119,7 +118,7 @@ def grid(methods: list[str], targets: list[float]) -> list[GridCell]:
                          _cell(name, None, {**INTEGER_METHODS[name], "bits": w})) for w in widths]
         else:
             method, preset, fixed, epochs = TARGET_METHODS[name]
-            distill = default_distill(method, preset) if epochs is None else epochs
+            distill = get_quantizer(method, preset=preset).distill_epochs() if epochs is None else epochs
             settings = [(f"@ {b:g}", _cell(method, preset, {**fixed, "bits": _number(b)}, distill))
                         for b in sorted(set(targets))]
         seen: set[str] = set()

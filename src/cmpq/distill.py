@@ -17,6 +17,7 @@ beats the model as quantized.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,12 +29,13 @@ from tqdm.auto import tqdm
 from cmpq.calibration.precision import compute_context
 from cmpq.config import check
 from cmpq.finetune import StoredValues, rms, tunable
-from cmpq.quantizers.base import QuantizedWeight
+from cmpq.formats.base import QuantizedWeight
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """epochs: passes over the training windows (0 = off); lr: Adam's step size, in units of each layer's
+    """epochs: passes over the training windows (0 = off; None = what the quantizer's preset asks for, see
+    `resolve`); lr: Adam's step size, in units of each layer's
     weight RMS for the stored values and of each vector's RMS for the 1-D parameters; topk: teacher
     log-probabilities kept per token; holdout: fraction of the calibration windows (at least one) held out
     to choose the epoch kept; tokens: distil on the first calibration windows holding this many tokens (None =
@@ -41,21 +43,25 @@ class DistillConfig:
     default calibration (128 x 2048) would take an hour; 65536 tokens (32 windows of 2048) were enough to turn
     the loops of smollm2 at 2.5 bpw into sentences (README, "Text samples")."""
 
-    epochs: int = 0
+    epochs: int | None = 0
     lr: float = 1e-3
     topk: int = 128
     holdout: float = 0.125
     tokens: int | None = 65536
 
     def __post_init__(self) -> None:
-        check(isinstance(self.epochs, int) and self.epochs >= 0, "distill.epochs", "must be an integer >= 0",
-              self.epochs)
+        check(self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 0), "distill.epochs",
+              "must be an integer >= 0, or None for the preset's default", self.epochs)
         check(isinstance(self.lr, (int, float)) and self.lr > 0, "distill.lr", "must be a positive number", self.lr)
         check(isinstance(self.topk, int) and self.topk >= 1, "distill.topk", "must be an integer >= 1", self.topk)
         check(isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1, "distill.holdout",
               "must be a fraction in (0, 1)", self.holdout)
         check(self.tokens is None or (isinstance(self.tokens, int) and self.tokens >= 1), "distill.tokens",
               "must be an integer >= 1 or None (all calibration windows)", self.tokens)
+
+    def resolve(self, preset_epochs: int) -> "DistillConfig":
+        """This config with `epochs` decided: the preset's `preset_epochs` where it says None."""
+        return self if self.epochs is not None else dataclasses.replace(self, epochs=preset_epochs)
 
     def windows(self, windows: torch.Tensor) -> torch.Tensor:
         """The calibration windows (n, seqlen) that distillation uses: the first ones holding `tokens` tokens,
@@ -65,16 +71,9 @@ class DistillConfig:
         return windows[: max(2, math.ceil(self.tokens / windows.shape[1]))]
 
 
-def default_epochs(method: str, preset: str) -> int:
-    """Distillation epochs when the command line does not say: 3 for CMPQ's best preset, which without it
-    greedy-decodes 2.5 bpw smollm2 into loops (README, "Text samples"); 0 for the paper preset (the paper's
-    method exactly) and for methods whose values it cannot train."""
-    return 3 if (method, preset) == ("cmpq", "best") else 0
-
-
 def enabled(config: DistillConfig | None) -> bool:
     """Whether `config` asks for distillation."""
-    return config is not None and config.epochs > 0
+    return config is not None and bool(config.epochs)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from cmpq.calibration.capture import BlockInputs
 from cmpq.config import check
-from cmpq.quantizers.base import QuantizedWeight
+from cmpq.formats.base import QuantizedWeight
 
 
 TARGETS = ("block", "model")

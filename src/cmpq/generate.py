@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cmpq.errors import ConfigError
-from cmpq.models.load import LoadedModel
+from cmpq.models.loaded import LoadedModel
 
 
 @dataclass

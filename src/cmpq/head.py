@@ -20,7 +20,8 @@ from cmpq.calibration.precision import compute_context
 from cmpq.calibration.stats import LayerStats, StatsRecorder
 from cmpq.config import config_to_dict
 from cmpq.errors import ConfigError, UnsupportedArchitectureError
-from cmpq.quantizers.base import QuantizedWeight, Quantizer, get_quantizer
+from cmpq.formats.base import QuantizedWeight
+from cmpq.quantizers.base import Quantizer, get_quantizer
 
 HEAD_BIT_SET = (1, 2, 3, 4, 5, 6, 7, 8)
 

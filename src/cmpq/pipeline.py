@@ -22,7 +22,8 @@ from cmpq.errors import CmpqError, ConfigError
 from cmpq.finetune import FinetuneConfig, enabled, finetune_block
 from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
-from cmpq.quantizers.base import BitBreakdown, QuantizedWeight, Quantizer
+from cmpq.formats.base import BitBreakdown, QuantizedWeight
+from cmpq.quantizers.base import Quantizer
 
 
 @dataclass

@@ -1,11 +1,15 @@
 """The jobs the CLI runs, as library functions: quantize a model (and evaluate it), or evaluate a model.
 
-Each returns PROTOCOL's record (a dict) so that the CLI, benchmarks and tests share one code path.
+`QuantizeJob` is everything `cmpq quantize` does as one value: the CLI builds it from its flags and library
+callers build it directly, and `run_quantize` runs both the same way. Each job returns PROTOCOL's record (a
+dict) so that the CLI, benchmarks and tests share one code path.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +26,9 @@ from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
 from cmpq.finetune import FinetuneConfig, enabled
 from cmpq.head import describe_head
-from cmpq.models.load import LoadedModel
+from cmpq.models.loaded import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
-from cmpq.quantizers import Quantizer
+from cmpq.quantizers import Quantizer, get_quantizer
 from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW
 
 
@@ -43,9 +47,99 @@ def evaluate(loaded: LoadedModel, config: EvalConfig, progress: bool = True) -> 
             for name in config.datasets}
 
 
-def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true_sequential: bool = False,
-             progress: bool = True, head: Quantizer | None = None,
-             finetune: FinetuneConfig | None = None,
+@dataclass
+class QuantizeJob:
+    """One `cmpq quantize` run. `options` are fields of the method's Config (`bits` among them), applied over
+    `preset` (None: the method's default preset, e.g. cmpq's "best"); `distill.epochs` None takes the
+    preset's distillation. `head_bits` quantizes the output head too; `out` saves the packed model, `json`
+    appends the record. Every check that can fail runs in `check`, before the model is loaded."""
+
+    options: dict[str, Any]
+    model: str = "smollm2-135m"
+    method: str = "cmpq"
+    preset: str | None = None
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    head_bits: float | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(epochs=None))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tasks: TaskConfig | None = None
+    kld: KLDConfig | None = None
+    true_sequential: bool = False
+    out: Path | None = None
+    overwrite: bool = False
+    json: Path | None = None
+    progress: bool = True
+
+    def quantizer(self) -> Quantizer:
+        from cmpq.quantizers import QUANTIZERS
+
+        cls = QUANTIZERS.get(self.method)
+        preset = self.preset or (cls.default_preset if cls is not None else None)
+        return get_quantizer(self.method, preset=preset, **self.options)
+
+    def head_quantizer(self) -> Quantizer | None:
+        from cmpq.head import head_quantizer
+
+        return None if self.head_bits is None else head_quantizer(self.head_bits)
+
+    def distill_config(self, quantizer: Quantizer) -> DistillConfig:
+        """The distillation this job runs: as given, the preset's epochs where it leaves them open."""
+        return self.distill.resolve(quantizer.distill_epochs())
+
+    def check(self) -> tuple[Quantizer, Quantizer | None, DistillConfig]:
+        """Everything that can fail before any long work (options, data files, output paths): the body's and
+        the head's quantizers and the resolved distillation."""
+        from cmpq.data.sources import load_eval_text
+        from cmpq.eval.harness import check_task_data
+        from cmpq.eval.records import check_writable
+        from cmpq.packed.model_io import check_saveable, check_target
+
+        quantizer = self.quantizer()
+        head = self.head_quantizer()
+        distill = self.distill_config(quantizer)
+        for what, epochs in (("--finetune", self.finetune.epochs), ("--distill", distill.epochs)):
+            if epochs and self.method != "cmpq":
+                raise ConfigError(f"{what} trains the values of lookup-quantized layers (cmpq), not {self.method}'s")
+        if self.json:
+            check_writable(self.json)
+        for name in self.eval.datasets:
+            load_eval_text(name)
+        if self.tasks is not None and self.tasks.tasks:
+            check_task_data(self.tasks)
+        if self.out:
+            check_saveable(self.method)
+            check_target(Path(self.out), self.overwrite)
+        return quantizer, head, distill
+
+
+def run_quantize(job: QuantizeJob) -> dict[str, Any]:
+    """Run `job` end to end: quantize, evaluate, save and record; returns the record (the CLI prints it)."""
+    from cmpq.eval.records import append_record
+    from cmpq.models.load import load_model
+    from cmpq.packed.model_io import WEIGHTS, save_quantized
+
+    quantizer, head, distill = job.check()
+    loaded = load_model(job.model)
+    reference = kld_reference(loaded, job.kld, progress=job.progress) if job.kld else None  # while still float
+    result, calib_info = quantize(loaded, quantizer, job.calib, true_sequential=job.true_sequential,
+                                  progress=job.progress, head=head, finetune=job.finetune, distill=distill)
+    ppl = evaluate(loaded, job.eval, job.progress)
+    record = quantization_record(loaded, quantizer, result, calib_info, ppl, job.eval.protocol if ppl else None,
+                                 head)
+    record.update(extra_evaluations(loaded, job.tasks, reference, job.progress))
+    if job.out:
+        directory = save_quantized(loaded, result, quantizer, Path(job.out), overwrite=job.overwrite, head=head)
+        record["file_bytes"] = (directory / WEIGHTS).stat().st_size
+        record["saved_to"] = str(directory)
+        print(f"saved to {directory} ({record['file_bytes']:,} bytes in {WEIGHTS})")
+    if job.json:
+        append_record(job.json, record)
+    return record
+
+
+def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, *, true_sequential: bool = False,
+             progress: bool = True, head: Quantizer | None = None, finetune: FinetuneConfig | None = None,
              distill: DistillConfig | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
     """Quantize `loaded.model` in place (and its output head with `head`, after the blocks), then distill its
     stored values end to end if `distill` asks (`cmpq.distill`); returns the result and the calibration
@@ -53,6 +147,8 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, true
     calib_info: dict[str, Any] = {"used": False}
     windows = None
     tune = enabled(finetune)
+    if distill is not None:
+        distill = distill.resolve(quantizer.distill_epochs())
     distilling = distillation.enabled(distill)
     if quantizer.calibration_needs() or (head is not None and head.needs()) or tune or distilling:
         check_context(loaded, calib.seqlen, "calib.seqlen")

@@ -10,7 +10,8 @@ import statistics
 from pathlib import Path
 
 from cmpq.generate import generate_ids
-from cmpq.models.load import LoadedModel, load_model
+from cmpq.models.load import load_model
+from cmpq.models.loaded import LoadedModel
 
 PROMPT = "The history of the city begins with"
 
@@ -48,7 +49,7 @@ def profile_step(loaded: LoadedModel, top: int = 8) -> list[dict]:
     what is left: Python and transformers' own work between operators."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from cmpq.packed.cmpq_layer import PackedLinear
+    from cmpq.formats.cmpq import PackedLinear
 
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     hooks = []
@@ -97,7 +98,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 def load_for_decode(spec: str) -> LoadedModel:
     """A model spec, where DIR:float / DIR:int8 loads DIR with those look-up tables in its CMPQ layers."""
-    from cmpq.packed.cmpq_layer import use_tables
+    from cmpq.formats.cmpq import use_tables
 
     path, tables = split_spec(spec)
     loaded = load_model(path)

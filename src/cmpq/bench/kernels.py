@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from cmpq.kernels import native
-from cmpq.packed.cmpq_layer import CMPQLinear
-from cmpq.packed.synthetic import mixed_widths, random_cmpq_layer
+from cmpq.formats.cmpq import CMPQLinear
+from cmpq.formats.synthetic import mixed_widths, random_cmpq_layer
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]

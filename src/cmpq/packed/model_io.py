@@ -3,7 +3,7 @@
 The directory holds `config.json` (the model's config with a `quantization_config`: method, options, target
 and honest bpw, format version, the list of quantized layers and the SHA-256 of the weights file), the
 tokenizer files, and `model.safetensors`: every unquantized tensor as it was in the model, and per quantized
-layer the packed tensors of `cmpq_layer.py`. It is written into a temporary directory next to the target and
+layer the packed tensors of its format (`cmpq.formats`, docs/format.md). It is written into a temporary directory next to the target and
 renamed into place, so an interrupted save never leaves a half-written model under the target name.
 """
 
@@ -26,14 +26,11 @@ from cmpq.config import config_to_dict
 from cmpq.errors import CmpqError, FormatError, ModelNotFoundError
 from cmpq.head import describe_head
 from cmpq.models.arch import find_arch
-from cmpq.models.load import LoadedModel
-from cmpq.packed.cmpq_layer import pack_cmpq
+from cmpq.formats import SAVEABLE_METHODS, for_weight
+from cmpq.models.loaded import LoadedModel
 from cmpq.packed.hf import FORMAT_VERSION, QUANT_METHOD, CmpqHfConfig, check_config
 from cmpq.pipeline import QuantizationResult
 from cmpq.quantizers.base import Quantizer
-from cmpq.packed.uniform_layer import pack_uniform
-from cmpq.quantizers.cmpq.quantizer import CMPQWeight
-from cmpq.quantizers.rtn import UniformQuantizedWeight
 
 WEIGHTS = "model.safetensors"
 
@@ -57,10 +54,6 @@ def _fsync_tree(directory: Path, files: bool = True) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
-
-
-# Methods whose layers the packed format stores (the others are evaluated in memory: `cmpq compare`).
-SAVEABLE_METHODS = ("cmpq", "rtn", "gptq")
 
 
 def check_saveable(method: str) -> None:
@@ -94,12 +87,10 @@ def packed_state(loaded: LoadedModel, result: QuantizationResult) -> dict[str, t
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().contiguous()
     for name, qw in result.layers.items():
-        if isinstance(qw, CMPQWeight):
-            packed = pack_cmpq(qw)
-        elif isinstance(qw, UniformQuantizedWeight):
-            packed = pack_uniform(qw)
-        else:
-            raise CmpqError(f"saving {result.method} layers ({type(qw).__name__}) is not supported")
+        try:
+            packed = for_weight(qw).pack(qw)
+        except FormatError as exc:
+            raise CmpqError(f"saving {result.method} layers: {exc}") from None
         for tensor_name, tensor in packed.items():
             state[f"{name}.{tensor_name}"] = tensor
     return state

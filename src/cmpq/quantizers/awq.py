@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
-from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
-from cmpq.quantizers.rtn import UniformQuantizedWeight, quantize_uniform
+from cmpq.formats.base import FP16_BITS, BitBreakdown, QuantizedWeight
+from cmpq.quantizers.base import Quantizer, register
+from cmpq.formats.uniform import UniformQuantizedWeight
+from cmpq.quantizers.rtn import quantize_uniform
 
 _SCALE_FLOOR = 1e-4       # llm-awq clamps s = x_mean ** ratio to at least this before normalising
 _CLIP_CHUNK = 1 << 22     # (rows x padded columns) per chunk of the clip search: bounds its float64 temporaries

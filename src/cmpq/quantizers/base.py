@@ -1,88 +1,35 @@
 """The one interface every quantization method implements, and the registry that finds methods by name.
 
 A method is a `Quantizer` subclass with a typed `Config` dataclass. Given one layer's weight and the
-calibration statistics it asked for (`needs`), it returns a `QuantizedWeight` that can be dequantized for
-evaluation and reports every bit it would store (PROTOCOL's honest accounting) as a `BitBreakdown`.
+calibration statistics it asked for (`needs`), it returns a `QuantizedWeight` (`cmpq.formats`) that can be
+dequantized for evaluation and reports every bit it would store (PROTOCOL's honest accounting). Quantizers
+depend on the formats, never the reverse.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.errors import ConfigError
+from cmpq.formats.base import QuantizedWeight
 
-FP16_BITS = 16
 BUDGET_TOLERANCE_BPW = 0.02  # PROTOCOL: a bits target means honest bpw at most the target and within 0.02 of it
 
 
 @dataclass(frozen=True)
-class BitBreakdown:
-    """Bits stored for quantized weights, by kind; `bpw` is PROTOCOL's honest bits per weight."""
+class Preset:
+    """A named setting of a method, defined once: its config options, and the epochs of end-to-end distillation
+    (`cmpq.distill`) that a quantization job runs after it unless told otherwise. `get_quantizer(name,
+    preset=...)`, `cmpq quantize --preset` and `cmpq compare` all read it from here."""
 
-    weights: int = 0   # number of weights these bits represent
-    codes: int = 0     # quantization codes
-    params: int = 0    # codebooks, scales, zero-points
-    outliers: int = 0  # outlier values kept in high precision
-    indices: int = 0   # outlier column indices and row pointers
-    maps: int = 0      # permutations, bit-width maps and other per-layer metadata
-
-    @property
-    def total(self) -> int:
-        return self.codes + self.params + self.outliers + self.indices + self.maps
-
-    @property
-    def bpw(self) -> float:
-        return self.total / self.weights if self.weights else 0.0
-
-    @property
-    def code_bpw(self) -> float:
-        """Code bits per weight only: the convention of most papers, reported beside the honest number."""
-        return self.codes / self.weights if self.weights else 0.0
-
-    def __add__(self, other: "BitBreakdown") -> "BitBreakdown":
-        return BitBreakdown(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "total": self.total, "bpw": self.bpw, "code_bpw": self.code_bpw}
-
-
-class QuantizedWeight(ABC):
-    """A quantized (out_features, in_features) weight matrix."""
-
-    shape: tuple[int, int]
-
-    @abstractmethod
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight the stored representation decodes to, shape (out_features, in_features)."""
-
-    @abstractmethod
-    def storage(self) -> BitBreakdown:
-        """Every bit this representation stores, at the width it is stored with."""
-
-    @abstractmethod
-    def column_widths(self) -> torch.Tensor:
-        """Code width of every input channel (in_features,), for inspection."""
-
-    def outlier_count(self) -> int:
-        """Weights kept outside the codes (in high precision)."""
-        return 0
-
-    def activation_hook(self):
-        """A forward pre-hook quantizing the layer's input at inference (weight+activation methods such as
-        SmoothQuant), or None for weight-only methods."""
-        return None
-
-    def summary(self) -> dict[str, Any]:
-        """Per-layer facts for records and `cmpq inspect`: shape, width histogram, outliers, bit breakdown."""
-        widths, counts = torch.unique(self.column_widths(), return_counts=True)
-        return {"shape": list(self.shape), "widths": {str(int(w)): int(c) for w, c in zip(widths, counts)},
-                "outliers": self.outlier_count(), "bits": self.storage().as_dict()}
+    options: Mapping[str, Any] = field(default_factory=dict)
+    distill_epochs: int = 0
 
 
 class Quantizer(ABC):
@@ -90,14 +37,25 @@ class Quantizer(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type]
-    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets, e.g. "paper"
-    default_preset: ClassVar[str | None] = None          # what the CLI applies when no --preset is given
+    presets: ClassVar[dict[str, Preset]] = {}  # named settings, e.g. "paper"
+    default_preset: ClassVar[str | None] = None  # what a quantization job applies when it names no preset
 
     def __init__(self, config: Any = None) -> None:
         config = self.Config() if config is None else config
         if not isinstance(config, self.Config):
             raise ConfigError(f"{self.name}: expected a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
+        self.preset: str | None = None  # the preset `get_quantizer` built the config from (None: Config defaults)
+
+    @classmethod
+    def merge_options(cls, preset: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+        """A preset's options overridden by the caller's; a method whose options depend on each other (an
+        override that makes a preset value meaningless) adjusts them here, for every caller alike."""
+        return {**preset, **fields}
+
+    def distill_epochs(self) -> int:
+        """Epochs of end-to-end distillation that this method's preset asks for after quantizing (0: none)."""
+        return self.presets[self.preset].distill_epochs if self.preset else 0
 
     def needs(self) -> frozenset[str]:
         """Names of the calibration statistics (see `cmpq.calibration.stats.STATISTICS`) this method reads.
@@ -160,9 +118,11 @@ def get_quantizer(name: str, preset: str | None = None, **config_fields: Any) ->
     if preset is not None:
         if preset not in cls.presets:
             raise ConfigError(f"{name}: no preset '{preset}' (presets: {', '.join(cls.presets) or 'none'})")
-        config_fields = {**cls.presets[preset], **config_fields}
+        config_fields = cls.merge_options(cls.presets[preset].options, config_fields)
     known = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(config_fields) - known)
     if unknown:
         raise ConfigError(f"{name}: unknown option(s) {unknown}; valid options: {sorted(known)}")
-    return cls(cls.Config(**config_fields))
+    quantizer = cls(cls.Config(**config_fields))
+    quantizer.preset = preset
+    return quantizer

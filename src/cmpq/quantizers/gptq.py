@@ -21,7 +21,7 @@ from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.quantizers.base import Quantizer, register
 from cmpq.quantizers.error_feedback import quantize_with_feedback
-from cmpq.quantizers.rtn import UniformQuantizedWeight
+from cmpq.formats.uniform import UniformQuantizedWeight
 from cmpq.quantizers.uniform import fit_minmax_grid
 
 

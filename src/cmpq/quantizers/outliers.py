@@ -11,22 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight
-
-
-def index_bits(max_value: int) -> int:
-    """Width of the narrowest unsigned integer type (8, 16, 32 or 64 bits) that holds `max_value`."""
-    for bits in (8, 16, 32, 64):
-        if max_value < 2**bits:
-            return bits
-    raise ValueError(f"{max_value} does not fit in 64 bits")
-
-
-def sparse_bits(rows: int, columns: int, nnz: int) -> tuple[int, int]:
-    """(value bits, index bits) of FP16 outliers in CSR with the narrowest index types."""
-    if nnz == 0:
-        return 0, 0
-    return nnz * FP16_BITS, nnz * index_bits(columns - 1) + (rows + 1) * index_bits(nnz)
+from cmpq.formats.base import BitBreakdown, QuantizedWeight, sparse_bits
 
 
 def top_k_mask(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
-from cmpq.packed.codes import padded_rows
-from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
+from cmpq.formats.uniform import UniformQuantizedWeight
+from cmpq.quantizers.base import Quantizer, register
 from cmpq.quantizers.uniform import fit_minmax_grid, quantize_to_grid
 
 
@@ -30,37 +30,6 @@ class RTNConfig:
         check(isinstance(self.bits, int) and 1 <= self.bits <= 8, "rtn.bits", "must be an integer in 1..8", self.bits)
         check(self.group_size is None or (isinstance(self.group_size, int) and self.group_size >= 1),
               "rtn.group_size", "must be None (per output channel) or an integer >= 1", self.group_size)
-
-
-@dataclass
-class UniformQuantizedWeight(QuantizedWeight):
-    """Codes (out, in) uint8, with FP16 scale and integer zero per (row, group) of `group_size` columns."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor   # (out, n_groups) float16
-    zero: torch.Tensor    # (out, n_groups) uint8
-    bits: int
-    group_size: int
-
-    @property
-    def shape(self) -> tuple[int, int]:  # type: ignore[override]
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
-    def dequantize(self) -> torch.Tensor:
-        out, cols = self.codes.shape
-        scale = self.scale.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
-        zero = self.zero.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
-        return scale * (self.codes.float() - zero)
-
-    def column_widths(self) -> torch.Tensor:
-        return torch.full((self.codes.shape[1],), self.bits, dtype=torch.uint8)
-
-    def storage(self) -> BitBreakdown:
-        out, cols = self.codes.shape
-        groups = self.scale.numel()
-        # codes are stored in whole 16-row groups (cmpq.packed.codes)
-        return BitBreakdown(weights=out * cols, codes=padded_rows(out) * cols * self.bits,
-                            params=groups * (FP16_BITS + self.bits))
 
 
 def quantize_uniform(weight: torch.Tensor, bits: int, group_size: int | None) -> UniformQuantizedWeight:

@@ -24,8 +24,9 @@ import torch
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.errors import CmpqError
-from cmpq.packed.codes import padded_rows
-from cmpq.quantizers.base import FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer, register
+from cmpq.formats.bitpack import padded_rows
+from cmpq.formats.base import FP16_BITS, BitBreakdown, QuantizedWeight
+from cmpq.quantizers.base import Quantizer, register
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 from cmpq.quantizers.outliers import SparseOutliers, top_k_mask
 
@@ -77,7 +78,7 @@ class SqueezeLLMWeight(QuantizedWeight):
     def storage(self) -> BitBreakdown:
         rows, columns = self.shape
         values, indices = self.outliers.bits(rows, columns)
-        # codes are stored in whole 16-row groups (cmpq.packed.codes); one FP16 table of 2^bits per row
+        # codes are stored in whole 16-row groups (cmpq.formats.bitpack); one FP16 table of 2^bits per row
         return BitBreakdown(weights=rows * columns, codes=padded_rows(rows) * columns * self.bits,
                             params=rows * 2**self.bits * FP16_BITS, outliers=values, indices=indices)
 

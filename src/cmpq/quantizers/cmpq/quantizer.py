@@ -12,7 +12,6 @@ Dequantized weight = codebook lookup, with the outlier positions replaced by the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,18 +20,19 @@ import torch
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.errors import CmpqError
-from cmpq.packed.codes import padded_rows
-from cmpq.quantizers.base import (BUDGET_TOLERANCE_BPW, FP16_BITS, BitBreakdown, QuantizedWeight, Quantizer,
-                                  register)
+from cmpq.formats.base import FP16_BITS, sparse_bits
+from cmpq.formats.bitpack import padded_rows
+from cmpq.formats.cmpq import (CODEBOOK_FORMATS, CMPQWeight, fit_int8_grid, lookup_index, map_bits, round_to_grid,
+                               used_entries)
+from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW, Preset, Quantizer, register
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 from cmpq.quantizers.error_feedback import quantize_with_feedback
-from cmpq.quantizers.outliers import sparse_bits, top_k_mask
+from cmpq.quantizers.outliers import top_k_mask
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
 SCOPES = ("layer", "model")
 SCOPE_ERRORS = ("absolute", "relative", "fisher")
-CODEBOOK_FORMATS = {"fp16": 16, "int8": 8}
 GRIDS = ("kmeans", "minmax")
 BITS_MODES = ("honest", "code")
 
@@ -103,113 +103,18 @@ class CMPQConfig:
               "must be an integer >= 1", self.fisher_tokens)
 
 
-# Named option sets. "paper": the method as published. "best": the best setting measured on smollm2-135m
-# (README, "explore @ 3.0" rows, and "Model-wide budget, Fisher-scaled" for the budget added in session 11);
-# the CLI uses it unless --preset says otherwise.
-PRESETS: dict[str, dict[str, object]] = {
-    "paper": {"bit_set": (1, 2, 3, 4, 5, 6, 7, 8), "allocation": "activation", "allocation_scope": "layer",
-              "act_outliers": 0.0045, "q_outliers": 0.0005, "codebook": "fp16", "grid": "kmeans",
-              "error_feedback": False},
+# The method as published, and the best setting measured on smollm2-135m (docs/method.md): error-driven widths
+# up to 6 bits, int8 codebooks, GPTQ-style error feedback, one bit budget for the whole model with each layer's
+# errors scaled by its Fisher-weighted loss increase, then 3 epochs of end-to-end distillation of the stored
+# values. `cmpq quantize` uses "best" unless --preset says otherwise.
+PAPER = {"bit_set": (1, 2, 3, 4, 5, 6, 7, 8), "allocation": "activation", "allocation_scope": "layer",
+         "act_outliers": 0.0045, "q_outliers": 0.0005, "codebook": "fp16", "grid": "kmeans", "error_feedback": False}
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(PAPER),
+    "best": Preset({**PAPER, "allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
+                    "error_feedback": True, "allocation_scope": "model", "scope_error": "fisher"},
+                   distill_epochs=3),
 }
-PRESETS["best"] = {**PRESETS["paper"], "allocation": "error", "bit_set": (1, 2, 3, 4, 5, 6), "codebook": "int8",
-                   "error_feedback": True, "allocation_scope": "model", "scope_error": "fisher"}
-
-
-def map_bits(columns: int, n_widths: int) -> int:
-    """Bits of the per-column width map: an index into the layer's list of widths (one byte per width)."""
-    return 8 * n_widths + columns * math.ceil(math.log2(n_widths)) if n_widths > 1 else 8
-
-
-def fit_int8_grid(codebooks: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
-    """One FP16 offset and scale per layer spanning every used codebook entry in 256 steps."""
-    lo = codebooks[used].min().half().float()
-    scale = ((codebooks[used].max() - lo) / 255).half().float().clamp(min=torch.finfo(torch.float16).tiny)
-    return float(lo), float(scale)
-
-
-def round_to_grid(codebooks: torch.Tensor, grid: tuple[float, float]) -> torch.Tensor:
-    """Entries rounded to the nearest of the grid's 256 values (monotone: sorted rows stay sorted)."""
-    lo, scale = grid
-    return lo + scale * torch.clamp(torch.round((codebooks - lo) / scale), 0, 255)
-
-
-def lookup_index(codes: torch.Tensor, entries_per_column: int, outlier_rows: torch.Tensor,
-                 outlier_cols: torch.Tensor) -> torch.Tensor:
-    """(out, in) positions into theta = [codebooks (in, K) flattened, outlier values in the order given]."""
-    columns = codes.shape[1]
-    index = torch.arange(columns)[None, :] * entries_per_column + codes.long()
-    index[outlier_rows, outlier_cols] = columns * entries_per_column + torch.arange(outlier_rows.numel())
-    return index
-
-
-def used_entries(widths: torch.Tensor, entries: int) -> torch.Tensor:
-    """(in, entries) mask of the codebook entries each column's width uses."""
-    return torch.arange(entries)[None, :] < (2 ** widths.long())[:, None]
-
-
-@dataclass
-class CMPQWeight(QuantizedWeight):
-    """Per-column widths and codebooks, dense codes, and FP16 outliers (row-major, CSR when stored)."""
-
-    widths: torch.Tensor         # (in,) uint8
-    codes: torch.Tensor          # (out, in) uint8
-    codebooks: torch.Tensor      # (in, 2^max_width) float32 holding the stored (rounded) values
-    outlier_rows: torch.Tensor   # (nnz,) int64
-    outlier_cols: torch.Tensor   # (nnz,) int64
-    outlier_values: torch.Tensor  # (nnz,) float16
-    codebook_format: str
-    int8_grid: tuple[float, float] | None = None  # (offset, scale) of int8 codebooks: entry = offset + scale * code
-
-    @property
-    def shape(self) -> tuple[int, int]:  # type: ignore[override]
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
-    def dequantize(self) -> torch.Tensor:
-        w = self.codebooks.gather(1, self.codes.T.long()).T.contiguous()
-        w[self.outlier_rows, self.outlier_cols] = self.outlier_values.float()
-        return w
-
-    def column_widths(self) -> torch.Tensor:
-        return self.widths
-
-    def lookup_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(theta, index): the stored values, [codebooks flattened, outlier values], and the (out, in) position
-        of each weight in theta, so that dequantize() == theta[index]. Fine-tuning (`cmpq.finetune`) trains
-        theta with the index fixed."""
-        theta = torch.cat([self.codebooks.flatten(), self.outlier_values.float()])
-        return theta, lookup_index(self.codes, self.codebooks.shape[1], self.outlier_rows, self.outlier_cols)
-
-    def with_values(self, theta: torch.Tensor) -> "CMPQWeight":
-        """A copy holding the values `theta` (as `lookup_values` lays them out) rounded as they are stored:
-        FP16, or int8 on the layer's grid (a new one spanning the new entries if some fall outside it)."""
-        columns, entries = self.codebooks.shape
-        used = used_entries(self.widths, entries)
-        books = torch.where(used, theta[: columns * entries].reshape(columns, entries).float(), self.codebooks)
-        grid = None
-        if self.codebook_format == "int8":
-            grid, values = self.int8_grid, books[used]
-            outside = grid is None or (values.numel() > 0 and (values.min() < grid[0]
-                                                               or values.max() > grid[0] + 255 * grid[1]))
-            if outside:
-                grid = fit_int8_grid(books, used)
-            books = torch.where(used, round_to_grid(books, grid), books)
-        else:
-            books = books.half().float()
-        return dataclasses.replace(self, codebooks=books, outlier_values=theta[columns * entries:].half(),
-                                   int8_grid=grid)
-
-    def outlier_count(self) -> int:
-        return int(self.outlier_values.numel())
-
-    def storage(self) -> BitBreakdown:
-        rows, columns = self.shape
-        widths = self.widths.long()
-        entry_bits = CODEBOOK_FORMATS[self.codebook_format]
-        params = int((2**widths).sum()) * entry_bits + (2 * FP16_BITS if self.codebook_format == "int8" else 0)
-        values, indices = sparse_bits(rows, columns, self.outlier_values.numel())
-        return BitBreakdown(weights=rows * columns, codes=padded_rows(rows) * int(widths.sum()), params=params,
-                            outliers=values, indices=indices,
-                            maps=map_bits(columns, int(torch.unique(widths).numel())))
 
 
 @register
@@ -218,6 +123,15 @@ class CMPQ(Quantizer):
     Config = CMPQConfig
     presets = PRESETS
     default_preset = "best"
+
+    @classmethod
+    def merge_options(cls, preset, fields):
+        """A model-wide budget compares layers by weighted error: an allocation other than "error" asked over a
+        preset that budgets per model gets a per-layer budget, unless the caller set the scope too."""
+        merged = super().merge_options(preset, fields)
+        if merged.get("allocation") != "error" and "allocation_scope" not in fields:
+            merged["allocation_scope"] = "layer"
+        return merged
 
     def __init__(self, config: CMPQConfig | None = None) -> None:
         super().__init__(config)

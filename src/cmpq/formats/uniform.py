@@ -1,22 +1,54 @@
-"""A uniform (RTN-style) layer as stored: codes as bit planes (as CMPQ's, every column at the same width), FP16
-scales per (row, group) and zero-points at the code width as a bit stream. The code width and group size are
-the method's options (config.json), so nothing else is stored per layer.
+"""The uniform format (RTN and GPTQ layers): the weight as quantized (`UniformQuantizedWeight`, with its honest
+bit accounting) and as stored: codes row-packed in 16-row groups like CMPQ's (every column at the same width),
+FP16 scales per (row, group) and zero-points at the code width as a bit stream. The code width and group size
+are the method's options (config.json), so nothing else is stored per layer.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cmpq.errors import FormatError
-from cmpq.packed.cmpq_layer import PackedLinear
-from cmpq.packed.codes import pack_codes, pack_stream, unpack_codes, unpack_stream
-from cmpq.quantizers.rtn import UniformQuantizedWeight
+from cmpq.formats.base import FP16_BITS, BitBreakdown, PackedLinear, QuantizedWeight
+from cmpq.formats.bitpack import pack_codes, pack_stream, padded_rows, unpack_codes, unpack_stream
 
 TENSORS = ("codes", "scales", "zeros")
+
+
+@dataclass
+class UniformQuantizedWeight(QuantizedWeight):
+    """Codes (out, in) uint8, with FP16 scale and integer zero per (row, group) of `group_size` columns."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor   # (out, n_groups) float16
+    zero: torch.Tensor    # (out, n_groups) uint8
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        out, cols = self.codes.shape
+        scale = self.scale.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
+        zero = self.zero.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
+        return scale * (self.codes.float() - zero)
+
+    def column_widths(self) -> torch.Tensor:
+        return torch.full((self.codes.shape[1],), self.bits, dtype=torch.uint8)
+
+    def storage(self) -> BitBreakdown:
+        out, cols = self.codes.shape
+        groups = self.scale.numel()
+        # codes are stored in whole 16-row groups (bitpack.py)
+        return BitBreakdown(weights=out * cols, codes=padded_rows(out) * cols * self.bits,
+                            params=groups * (FP16_BITS + self.bits))
 
 
 def pack_uniform(qw: UniformQuantizedWeight) -> dict[str, torch.Tensor]:
