@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, update_readme  # noqa: E402
+from store import RESULTS  # noqa: E402
 
 from cmpq import compare  # noqa: E402
 from cmpq.eval.harness import ALL_TASKS, TaskConfig  # noqa: E402
@@ -82,7 +82,6 @@ def main() -> None:
     rows = compare.results(cells(), MODEL, calib, "quick", store, [])
     markdown = render(rows, extras)
     (OUT / "eval_table.md").write_text(markdown, encoding="utf-8")
-    update_readme("eval", markdown)
     print(markdown)
 
 

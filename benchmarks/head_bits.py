@@ -25,7 +25,7 @@ from cmpq.models.load import load_model
 from cmpq.workflow import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, update_readme  # noqa: E402
+from store import RESULTS  # noqa: E402
 
 
 def final_hidden(loaded, windows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +76,6 @@ def main() -> None:
         lines.append(f"| {r['head_bits']:g} | {r['head_bpw']:.3f} | {r['wikitext2']:.2f} | {r['head_seconds']:.0f} | "
                      f"{widths} |")
     (RESULTS / "head_bits.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    update_readme("head", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, update_readme  # noqa: E402
+from store import RESULTS  # noqa: E402
 
 from cmpq import compare  # noqa: E402
 from cmpq.eval.records import append_record, read_records  # noqa: E402
@@ -55,7 +55,6 @@ def main() -> None:
     lines += ["", "Command: `python benchmarks/method_time.py`."]
     markdown = "\n".join(lines) + "\n"
     (RESULTS / "method_time.md").write_text(markdown, encoding="utf-8")
-    update_readme("method_time", markdown)
     print(markdown)
 
 

@@ -20,30 +20,22 @@ from cmpq.models.loaded import LoadedModel
 from cmpq.quantizers import get_quantizer
 
 RESULTS = Path(__file__).parent / "results"
-README = Path(__file__).parents[1] / "README.md"
 
 
-def update_readme(block: str, markdown: str) -> None:
-    """Replace the README's text between `<!-- block:start -->` and `<!-- block:end -->` (if both are there)."""
-    text = README.read_text(encoding="utf-8")
-    start, end = f"<!-- {block}:start -->\n", f"<!-- {block}:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        README.write_text(head + start + markdown.rstrip("\n") + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
-
-
-def publish(name: str, records: list[dict[str, Any]] | None, markdown: str) -> None:
-    """Write results/`name`.jsonl (atomically: a temporary file, then rename; skipped when `records` is None),
-    results/`name`.md, and the README block `name`; print the table."""
+def publish(name: str, records: list[dict[str, Any]] | None, markdown: str, group: str = "quality/smollm2-quick") -> None:
+    """Write results/`group`/`name`.jsonl (atomically: a temporary file, then rename; skipped when `records` is
+    None) and results/`group`/`name`.md, and print the table. Documentation is rendered from the records by
+    `make report`, never edited here."""
     import json
 
+    folder = RESULTS / group
+    folder.mkdir(parents=True, exist_ok=True)
     if records is not None:
-        jsonl = RESULTS / f"{name}.jsonl"
+        jsonl = folder / f"{name}.jsonl"
         tmp = jsonl.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         tmp.replace(jsonl)
-    (RESULTS / f"{name}.md").write_text(markdown, encoding="utf-8")
-    update_readme(name, markdown)
+    (folder / f"{name}.md").write_text(markdown, encoding="utf-8")
     print(markdown)
 
 

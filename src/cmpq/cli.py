@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "look-up tables, which are otherwise auto)")
     b.add_argument("--new-tokens", type=_positive_int, default=64, help="decode: tokens per generation "
                                                                          "(default: %(default)s)")
-    b.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
+    b.add_argument("--out", default="runs/bench", metavar="DIR",
+                   help="directory for the JSON records and Markdown tables (default: %(default)s)")
     b.add_argument("--shapes", choices=("all", "smollm2", "llama7b"), default="all",
                    help="which layer shapes (default: %(default)s)")
     b.add_argument("--batches", type=_int_list, default=(1, 4, 16, 128), metavar="N1,N2,...",
