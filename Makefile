@@ -7,9 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench report clean
 
-$(STAMP): pyproject.toml setup.py Makefile src/cmpq/kernels/lut_kernels.c
+$(STAMP): pyproject.toml setup.py Makefile src/cmpq/kernels/*.c src/cmpq/kernels/*.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first, so that nothing later pulls a CUDA build
@@ -23,7 +23,7 @@ setup: $(STAMP)
 
 # Main job: CMPQ at 3 honest bits per weight on smollm2-135m, its output head at 6 (quick calibration and
 # perplexity protocol), saved in the packed format, a chat answer from the saved model with its decode speed,
-# then the per-layer view of the result (runs/demo.widths.png). The float reference is in the README's table.
+# then the per-layer view of the result (runs/demo.widths.png).
 demo: setup
 	$(BIN)/cmpq quantize --model smollm2-135m --method cmpq --bits 3 --quantize-head 6 --nsamples 32 --seqlen 512 \
 		--protocol quick --json runs/demo.jsonl --out runs/smollm2-3bit --overwrite
@@ -36,8 +36,17 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real_model"
 
+# Every benchmark behind the documentation (resumable; hours on 2 cores), then the documents re-rendered.
 bench: setup
-	$(BIN)/python benchmarks/cmpq_table.py
+	$(BIN)/python benchmarks/compare_grid.py
+	$(BIN)/python benchmarks/ablations.py
+	$(BIN)/python benchmarks/llamacpp_quality.py
+	$(BIN)/python benchmarks/speed.py
+	$(MAKE) report
+
+# README.md and docs/*.md from docs/templates/ and the records under benchmarks/results/ (CI checks they agree).
+report: setup
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache runs

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cmpq.quantizers import QUANTIZERS
 
     parser = argparse.ArgumentParser(
-        prog="cmpq", description="Quantize LLMs to any bit-width and measure them honestly (see README.md).")
+        prog="cmpq", description="Quantize LLMs to any bit-width and measure them honestly (README.md, docs/).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = sub.add_parser("quantize", help="quantize a model and evaluate it",
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="auto",
                    help="precision of the calibration forward passes and Hessian products (weights are always "
                         "quantized from float32): auto = bfloat16 on CPUs with native bfloat16 dot products "
-                        "(AVX512-BF16, AMX), about 4x faster there, else float32 (default: %(default)s)")
+                        "(AVX512-BF16, AMX), else float32 (default: %(default)s)")
     q.add_argument("--true-sequential", action="store_true",
                    help="gather each group's statistics after the earlier groups of the block are quantized "
                         "(q/k/v, then o, then gate/up, then down); one extra forward pass per group")
@@ -206,9 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's norm weights and biases for EPOCHS passes over the first --distill-tokens "
                         "calibration tokens so that its next-token distribution matches the float model's (KL on "
                         "the float model's top-k tokens); some windows are held out and the best epoch by their KL "
-                        "is kept, or none if none helps (lookup methods: cmpq). 0 = off. Default: 3 with cmpq's "
-                        "best preset (it turns 2.5 bpw loops into sentences; about 28 minutes for smollm2 on 2 "
-                        "cores at the default calibration), 0 with --preset paper and other methods")
+                        "is kept, or none if none helps (lookup methods: cmpq). 0 = off. Default: what the preset "
+                        "says: 3 with cmpq's best preset, 0 with --preset paper and for other methods")
     q.add_argument("--distill-lr", type=float, default=DistillConfig.lr, metavar="LR",
                    help="distillation step size, in units of each layer's weight RMS for the stored values and of "
                         "each vector's RMS for the norm weights and biases (default: %(default)s)")
@@ -263,9 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "looping; 1 = plain greedy (default: %(default)s)")
     g.add_argument("--tables", choices=("auto", "float", "int8"), default=None,
                    help="look-up tables of the quantized layers for each new token: auto = int8 where the CPU has "
-                        "AVX2 or AVX-512 (about 2x faster layers, each table entry rounded to 8 bits of its "
-                        "block's largest: see the README's int8 tables), else float; float = exact (default: "
-                        "$CMPQ_TABLES, else auto)")
+                        "AVX2 or AVX-512 (faster; each table entry rounded to 8 bits of its block's largest, "
+                        "docs/kernels.md), else float; float = exact (default: $CMPQ_TABLES, else auto)")
     g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
                        description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
@@ -448,9 +446,9 @@ def _kld_config(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    from cmpq.formats.cmpq import use_tables
     from cmpq.generate import generate
     from cmpq.models.load import load_model
-    from cmpq.formats.cmpq import use_tables
 
     loaded = load_model(args.model)
     if args.tables is not None and use_tables(loaded.model, args.tables) == 0 and args.tables == "int8":

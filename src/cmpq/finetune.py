@@ -5,7 +5,7 @@ A lookup-quantized weight is theta[index] with index fixed by the codes (`CMPQWe
 values theta can be trained by gradient descent on the block's output error, as AQLM fine-tunes its
 codebooks, one block at a time here so memory stays a few activation buffers. The loss sees the whole block
 (attention, SwiGLU, the residual), so errors of one linear can be absorbed by another's values; a per-layer
-least-squares refit of the same values measured no perplexity gain (README, "Fine-tuning"). The file format, the bit accounting and the kernels are unchanged: only the values move.
+least-squares refit of the same values gave no perplexity gain. The file format, the bit accounting and the kernels are unchanged: only the values move.
 The result is kept only if the block's error on the calibration windows falls after the values are rounded
 as they are stored.
 """
@@ -21,7 +21,6 @@ from torch.func import functional_call
 from cmpq.calibration.capture import BlockInputs
 from cmpq.config import check
 from cmpq.formats.base import QuantizedWeight
-
 
 TARGETS = ("block", "model")
 

@@ -20,9 +20,9 @@ from cmpq.calibration.gradients import gradient_statistics
 from cmpq.calibration.stats import GRADIENT_STATISTICS, LayerStats, StatsRecorder
 from cmpq.errors import CmpqError, ConfigError
 from cmpq.finetune import FinetuneConfig, enabled, finetune_block
+from cmpq.formats.base import BitBreakdown, QuantizedWeight
 from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
-from cmpq.formats.base import BitBreakdown, QuantizedWeight
 from cmpq.quantizers.base import Quantizer
 
 

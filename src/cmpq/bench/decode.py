@@ -49,7 +49,7 @@ def profile_step(loaded: LoadedModel, top: int = 8) -> list[dict]:
     what is left: Python and transformers' own work between operators."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from cmpq.formats.cmpq import PackedLinear
+    from cmpq.formats.base import PackedLinear
 
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     hooks = []

@@ -3,7 +3,7 @@ in the same process, with a memory-copy bandwidth measured in the same run (PROT
 
 Layers are random CMPQ layers in the packed format at 2.5 / 3 / 4 code bits per weight (2.5: half the columns
 at 2 bits, half at 3), with 0.5% FP16 outliers as CMPQ's defaults store. Times are medians over repeats after
-a warm-up; the achieved weight bandwidth counts the bytes of the packed weights (bit planes, codebooks,
+a warm-up; the achieved weight bandwidth counts the bytes of the packed weights (row-packed codes, codebooks,
 outliers as stored), and its fraction of the copy bandwidth pairs each timed run with a copy timed right after
 it (`paired_copy_fraction`). "Ours" uses the exact float look-up tables; one-token cells also time the int8
 look-up tables (`tables = "int8"`, approximate; the default for one token) where the CPU has them.
@@ -19,14 +19,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cmpq.kernels import native
 from cmpq.formats.cmpq import CMPQLinear
 from cmpq.formats.synthetic import mixed_widths, random_cmpq_layer
+from cmpq.kernels import native
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 BITS = (2.5, 3.0, 4.0)
-BATCHES = (1, 4, 16, 128)
 OUTLIER_RATIO = 0.005
 
 

@@ -19,7 +19,6 @@ import torch.nn as nn
 from cmpq.calibration.capture import StopBlock
 
 
-
 def gram(x: torch.Tensor, parts: int = 3) -> torch.Tensor:
     """X^T X (float64) of a (tokens, n) float32 matrix from the blocks on and above the diagonal only: with
     3 x 3 blocks, 6 of 9 products (measured: 2048 x 1536 in 34 ms instead of 45)."""

@@ -4,7 +4,7 @@ An instruct model is used through its chat template, and the activation statisti
 bits and codebook depend on the text they are measured on. Rendering the PROTOCOL's calibration documents as
 conversations (first line as the user's request, the rest as the assistant's answer) measures them on text in
 the format the model will generate in. On smollm2-135m at 2.5 bpw this turned greedy answers that loop into
-short English sentences, at a cost in WikiText-2 perplexity (README, "Chat-formatted calibration").
+short English sentences, at a cost in WikiText-2 perplexity.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from cmpq.errors import CmpqError
 from cmpq.paths import CHECKOUT
 
 
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

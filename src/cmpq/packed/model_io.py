@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from cmpq.atomic import ordinary_mode
 from cmpq.config import config_to_dict
 from cmpq.errors import CmpqError, FormatError, ModelNotFoundError
+from cmpq.formats import SAVEABLE_METHODS, for_weight
 from cmpq.head import describe_head
 from cmpq.models.arch import find_arch
-from cmpq.formats import SAVEABLE_METHODS, for_weight
 from cmpq.models.loaded import LoadedModel
 from cmpq.packed.hf import FORMAT_VERSION, QUANT_METHOD, CmpqHfConfig, check_config
 from cmpq.pipeline import QuantizationResult

@@ -1,7 +1,7 @@
 """Quantization methods behind one interface; importing this package registers all of them."""
 
-from cmpq.quantizers.awq import AWQ, AWQConfig
 from cmpq.formats.base import BitBreakdown, QuantizedWeight
+from cmpq.quantizers.awq import AWQ, AWQConfig
 from cmpq.quantizers.base import QUANTIZERS, Quantizer, get_quantizer, register
 from cmpq.quantizers.cmpq import CMPQ, CMPQConfig
 from cmpq.quantizers.gptq import GPTQ, GPTQConfig

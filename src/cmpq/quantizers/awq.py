@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.formats.base import FP16_BITS, BitBreakdown, QuantizedWeight
-from cmpq.quantizers.base import Quantizer, register
 from cmpq.formats.uniform import UniformQuantizedWeight
+from cmpq.quantizers.base import Quantizer, register
 from cmpq.quantizers.rtn import quantize_uniform
 
 _SCALE_FLOOR = 1e-4       # llm-awq clamps s = x_mean ** ratio to at least this before normalising

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
+from cmpq.formats.uniform import UniformQuantizedWeight
 from cmpq.quantizers.base import Quantizer, register
 from cmpq.quantizers.error_feedback import quantize_with_feedback
-from cmpq.formats.uniform import UniformQuantizedWeight
 from cmpq.quantizers.uniform import fit_minmax_grid
 
 

@@ -28,9 +28,9 @@ import torch
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.formats.base import BitBreakdown, QuantizedWeight
+from cmpq.formats.uniform import UniformQuantizedWeight
 from cmpq.quantizers.base import Quantizer, register
 from cmpq.quantizers.gptq import gptq_quantize
-from cmpq.formats.uniform import UniformQuantizedWeight
 
 TRANSFORMS = ("orthogonal", "hadamard")
 SEED_BITS = 64  # each stored transform is one seed, stored as a 64-bit integer

@@ -24,8 +24,8 @@ import torch
 from cmpq.calibration.stats import LayerStats
 from cmpq.config import check
 from cmpq.errors import CmpqError
-from cmpq.formats.bitpack import padded_rows
 from cmpq.formats.base import FP16_BITS, BitBreakdown, QuantizedWeight
+from cmpq.formats.bitpack import padded_rows
 from cmpq.quantizers.base import Quantizer, register
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 from cmpq.quantizers.outliers import SparseOutliers, top_k_mask

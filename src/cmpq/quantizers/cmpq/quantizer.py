@@ -22,8 +22,14 @@ from cmpq.config import check
 from cmpq.errors import CmpqError
 from cmpq.formats.base import FP16_BITS, sparse_bits
 from cmpq.formats.bitpack import padded_rows
-from cmpq.formats.cmpq import (CODEBOOK_FORMATS, CMPQWeight, fit_int8_grid, lookup_index, map_bits, round_to_grid,
-                               used_entries)
+from cmpq.formats.cmpq import (
+    CODEBOOK_FORMATS,
+    CMPQWeight,
+    fit_int8_grid,
+    map_bits,
+    round_to_grid,
+    used_entries,
+)
 from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW, Preset, Quantizer, register
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
@@ -231,7 +237,7 @@ class CMPQ(Quantizer):
         sum_ij F_ij (W_ij - Q(W)_ij)^2 of its columns' codebooks at every width over their activation-weighted
         error. Scaling by it puts every layer's errors in the same units (predicted loss) while columns within
         a layer stay ranked by the activation-weighted error, which is less noisy than a per-weight Fisher
-        estimated from a few windows (measured: README, "Model-wide budget, Fisher-scaled"). The sums run over
+        estimated from a few windows. The sums run over
         every width of the bit set, so the narrowest widths, whose errors are largest, weigh most."""
         fisher = stats["grad_sq_sum"].float().T
         if not bool(torch.isfinite(fisher).all()):
