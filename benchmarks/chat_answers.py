@@ -5,9 +5,9 @@ models, scored by `cmpq.eval.chat_answers` (repeated 4-grams, answers that end, 
 answers under each model and of each model's answers under the float model).
 
 Usage: python benchmarks/chat_answers.py [--prompts arc-chat|c4-plain] MODEL [MODEL ...] (directories saved by
-`cmpq quantize --out`; the float smollm2-135m is always the reference). Writes benchmarks/results/chat_answers.*
-(arc-chat) or plain_continuations.* (c4-plain): a .jsonl (a model's row replaces its earlier one), a .md and the
-README's block.
+`cmpq quantize --out`; the float smollm2-135m is always the reference). Writes
+benchmarks/results/quality/smollm2-quick/chat_answers.* (arc-chat) or plain_continuations.* (c4-plain): a .jsonl
+(a model's row replaces its earlier one) and a .md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from samples import describe  # noqa: E402
-from store import RESULTS, publish  # noqa: E402
+from store import QUALITY, publish  # noqa: E402
 
 from cmpq.data.sources import c4_eval_docs  # noqa: E402
 from cmpq.eval.chat_answers import chat_prompts, greedy_answers, plain_prompts, score_answers  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
         new.append({"model": path, "description": describe(path), "calibration": calibration_of(path),
                     **scores.as_dict()})
     name = RESULT_NAMES[args.prompts]
-    jsonl = RESULTS / f"{name}.jsonl"
+    jsonl = QUALITY / f"{name}.jsonl"
     stored = read_records(jsonl) if jsonl.exists() else []
     if any(r["prompts"] != args.questions or r["max_new_tokens"] != args.max_new_tokens for r in stored):
         stored = []  # another prompt set: the old rows do not compare

@@ -1,10 +1,9 @@
-"""Issue 7's table: float, RTN 3-bit g128, GPTQ 3-bit g128 and CMPQ at 2.5 / 3.0 / 4.0 honest bpw on smollm2-135m,
+"""Evaluation beyond perplexity: float, RTN 3-bit g128, GPTQ 3-bit g128 and CMPQ at 2.5 / 3.0 / 4.0 honest bpw on smollm2-135m,
 each with KL divergence to float, top-1 agreement, the zero-shot tasks and 5-shot MMLU (quick task protocol) and
 WikiText-2 / C4 perplexity (quick), with the time every evaluation took.
 
 The cells run through `cmpq compare`'s machinery (one process each, resumable) into
-benchmarks/results/eval/results.jsonl; `--render` only rebuilds benchmarks/results/eval/eval_table.md and the
-README block `eval`.
+benchmarks/results/quality/smollm2-quick/tasks/results.jsonl; `--render` only rebuilds eval_table.md there.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from cmpq import compare  # noqa: E402
 from cmpq.eval.harness import ALL_TASKS, TaskConfig  # noqa: E402
 
 MODEL = "smollm2-135m"
-OUT = RESULTS / "eval"
+OUT = RESULTS / "quality" / "smollm2-quick" / "tasks"
 GRIDS = ((["float", "rtn", "gptq"], [3.0]), (["cmpq"], [2.5, 3.0, 4.0]))
 TASK_COLUMNS = (("arc_easy", "acc"), ("arc_challenge", "acc"), ("piqa", "acc"), ("hellaswag", "acc_norm"),
                 ("winogrande", "acc"), ("boolq", "acc"), ("lambada_openai", "acc"), ("mmlu", "average"))

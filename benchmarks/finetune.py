@@ -2,8 +2,8 @@
 `--distill`, end to end): WikiText-2 (quick protocol) at a bpw target without and with fine-tuning, quick
 calibration (32 x 512 C4 tokens unless a run says otherwise).
 
-Each run is its own `cmpq quantize` process. Writes benchmarks/results/finetune.jsonl (a run replaces the stored
-record of the same name and target; others are kept) and finetune.md.
+Each run is its own `cmpq quantize` process. Writes benchmarks/results/quality/smollm2-quick/finetune.jsonl (a run replaces the
+stored record of the same name and target; others are kept) and finetune.md.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, publish  # noqa: E402
+from store import QUALITY, publish  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
 
 # name -> extra `cmpq quantize` flags (CMPQ's best preset with a per-layer budget underneath, as every stored row
-# was measured before session 11 made the budget model-wide; a later --nsamples overrides the 32, a run's
+# was measured with a per-layer budget; a later --nsamples overrides the 32, a run's
 # --distill the "0" that keeps the others as they were measured before distillation became the default)
 RUNS: dict[str, list[str]] = {
     "none": [],
@@ -92,7 +92,7 @@ def main() -> None:
                         help=f"a run to measure (repeatable; names hold commas); default: all of {list(RUNS)}")
     parser.add_argument("--render", action="store_true", help="only rebuild finetune.md from the stored records")
     args = parser.parse_args()
-    jsonl = RESULTS / "finetune.jsonl"
+    jsonl = QUALITY / "finetune.jsonl"
     stored = read_records(jsonl) if jsonl.exists() else []
     if not args.render:
         names = args.run or list(RUNS)

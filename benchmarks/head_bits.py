@@ -1,6 +1,7 @@
 """What quantizing the output head costs in perplexity, alone: smollm2-135m with float blocks and only lm_head
 quantized (`--quantize-head BITS`: CMPQ's best setting), per head width, WikiText-2 quick protocol, calibration
-C4 32 x 512. Writes benchmarks/results/head_bits.jsonl (one line per width, replaced) and head_bits.md.
+C4 32 x 512. Writes benchmarks/results/quality/smollm2-quick/head_bits.jsonl (one line per width, replaced) and
+head_bits.md.
 
     python benchmarks/head_bits.py --bits 4,5,6,8
 """
@@ -25,7 +26,7 @@ from cmpq.models.load import load_model
 from cmpq.workflow import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS  # noqa: E402
+from store import QUALITY  # noqa: E402
 
 
 def final_hidden(loaded, windows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,8 +67,8 @@ def main() -> None:
         records.append(measure(bits, calib))
         print(json.dumps({k: records[-1][k] for k in ("head_bits", "head_bpw", "head_seconds", "wikitext2")}),
               flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "head_bits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    QUALITY.mkdir(parents=True, exist_ok=True)
+    (QUALITY / "head_bits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     lines = ["Only lm_head quantized (float blocks), WikiText-2 quick; calibration C4 32 x 512, "
              f"{records[0]['calib_dtype']} forwards; {records[0]['threads']} threads.", "",
              "| head bits | head bpw | WikiText-2 | s (float block forwards + head) | widths (columns) |", "|---|---|---|---|---|"]
@@ -75,7 +76,7 @@ def main() -> None:
         widths = ", ".join(f"{w}: {c}" for w, c in r["widths"].items())
         lines.append(f"| {r['head_bits']:g} | {r['head_bpw']:.3f} | {r['wikitext2']:.2f} | {r['head_seconds']:.0f} | "
                      f"{widths} |")
-    (RESULTS / "head_bits.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (QUALITY / "head_bits.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What would int8 look-up tables cost in accuracy? Layer by layer, on a saved CMPQ model and real activations.
 
-The batch-1 LUT-GEMV builds, per token, tables T_j[c] = C_j[c] * x_j. `benchmarks/microbench/int8_tables.c`
+The batch-1 LUT-GEMV builds, per token, tables T_j[c] = C_j[c] * x_j. `experiments/int8_tables.c`
 shows that tables rounded to int8 (one scale per block of stored columns of one width: the block's largest
 |T| / 127) run the loop about 2x faster. This script applies the kernel's definition (`native.int8_reference`:
 columns of up to 4 bits, blocks of 32, wider columns exact) to the inputs each linear
@@ -10,7 +10,7 @@ layer sees when the saved model reads the first tokens of WikiText-2 test, and r
   quant err ||y - y_float|| / ||y_float||   the quantization's own error against the float model's layer
 
 Run: `python benchmarks/int8_tables_error.py runs/smollm2-3bit [--tokens 64]`; writes
-`benchmarks/results/int8_tables_error.{jsonl,md}` and the README block of that name.
+`benchmarks/results/quality/smollm2-quick/int8_tables_error.{jsonl,md}`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 
 import cmpq
 from cmpq.data.sources import WIKITEXT2_TEST, find_data_file, wikitext2_rows
-from cmpq.models.load import load_model
-from cmpq.kernels import native
 from cmpq.formats.cmpq import CMPQLinear
+from cmpq.kernels import native
+from cmpq.models.load import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from store import publish  # noqa: E402

@@ -4,7 +4,7 @@ tables; reports both perplexities on those tokens, the mean KL divergence of the
 distribution from the float-table run's, and how often their top tokens agree.
 
 Run: `python benchmarks/int8_tables_ppl.py DIR [DIR ...] [--windows 4] [--seqlen 256]`; writes
-`benchmarks/results/int8_tables_ppl.{jsonl,md}` and the README block of that name.
+`benchmarks/results/quality/smollm2-quick/int8_tables_ppl.{jsonl,md}`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 import cmpq
 from cmpq.data.sources import WIKITEXT2_TEST, find_data_file, wikitext2_rows
-from cmpq.kernels import native
 from cmpq.formats.cmpq import use_tables
+from cmpq.kernels import native
 
 sys.path.insert(0, str(Path(__file__).parent))
 from store import publish  # noqa: E402

@@ -3,8 +3,7 @@ methods at 3-bit, CMPQ and LLM-MQ at 3.0 honest bpw, SmoothQuant W8A8), with the
 32 x 512, float32 forwards), one `cmpq quantize --eval none` process per method on an otherwise idle machine.
 
 The comparison grid's own "quant s" column is measured too, but while other work may share the 2 cores; this
-table is the dedicated measurement. Writes benchmarks/results/method_time.{jsonl,md} and the README block
-`method_time`.
+table is the dedicated measurement. Writes benchmarks/results/cost/<machine>/method_time.{jsonl,md}.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS  # noqa: E402
+from store import RESULTS, machine_slug  # noqa: E402
 
 from cmpq import compare  # noqa: E402
 from cmpq.eval.records import append_record, read_records  # noqa: E402
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--render", action="store_true", help="only rebuild the table")
     args = parser.parse_args()
-    jsonl = RESULTS / "method_time.jsonl"
+    jsonl = RESULTS / "cost" / machine_slug() / "method_time.jsonl"
     calib = compare.calibration("quick", "float32")
     if not args.render:
         for cell in compare.grid(args.methods.split(","), [3.0]):
@@ -54,7 +53,7 @@ def main() -> None:
                          f"{r['peak_rss_mb']:.0f} | {r['threads']} | {str(r['git_commit'])[:12]} |")
     lines += ["", "Command: `python benchmarks/method_time.py`."]
     markdown = "\n".join(lines) + "\n"
-    (RESULTS / "method_time.md").write_text(markdown, encoding="utf-8")
+    (jsonl.parent / "method_time.md").write_text(markdown, encoding="utf-8")
     print(markdown)
 
 

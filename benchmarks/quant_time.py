@@ -1,8 +1,8 @@
 """Quantization time and peak memory of CMPQ on smollm2-135m, quick (32 x 512) and default (128 x 2048)
 calibration. Each run is its own `cmpq quantize --eval none` process, so peak RSS is that run's alone.
 
-Writes benchmarks/results/quant_time.jsonl (a run replaces the stored record of the same setting and
-calibration; others are kept) and quant_time.md.
+Writes benchmarks/results/cost/<machine>/quant_time.jsonl (a run replaces the stored record of the same
+setting and calibration; others are kept) and quant_time.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cmpq_table import BEST, BEST_FISHER, PAPER  # noqa: E402
-from store import RESULTS  # noqa: E402
+from store import RESULTS, machine_slug  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--bits", type=float, default=3.0)
     parser.add_argument("--runs", default="paper:quick,best:quick,best:default",
                         help="comma-separated SETTING:CALIBRATION pairs; SETTING: paper, best (per-layer budget), "
-                             "best-fisher (the preset since session 11)")
+                             "best-fisher (the preset)")
     parser.add_argument("--calib-dtype", default="auto", help="precision of the calibration forwards (auto = "
                         "bfloat16 where the CPU has native bfloat16 dot products, else float32)")
     args = parser.parse_args()
@@ -64,7 +64,7 @@ def main() -> None:
         record.pop("layers", None)
         record["setting"], record["calibration_protocol"] = setting, calib
         records.append(record)
-    jsonl = RESULTS / "quant_time.jsonl"
+    jsonl = RESULTS / "cost" / machine_slug() / "quant_time.jsonl"
     done = {(r["setting"], r["calibration_protocol"]) for r in records}
     kept = [r for r in (read_records(jsonl) if jsonl.exists() else [])
             if (r.get("setting"), r.get("calibration_protocol")) not in done]
@@ -79,7 +79,7 @@ def main() -> None:
                      f"{c.get('resolved_dtype', 'float32')} | {r['quant_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['bpw']:.3f} | {r['threads']} | {str(r['git_commit'])[:12]} |")
     lines += ["", "Command: `python benchmarks/quant_time.py` (`--runs SETTING:CALIBRATION,...` re-measures some)."]
-    (RESULTS / "quant_time.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (jsonl.parent / "quant_time.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

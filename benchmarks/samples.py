@@ -3,8 +3,8 @@ CTRL's repetition penalty, through `cmpq.generate` (the loop `cmpq generate` run
 side, with each model's decode tokens/s.
 
 Usage: python benchmarks/samples.py MODEL [MODEL ...] (smollm2-135m or directories saved by `cmpq quantize
---out`). Writes benchmarks/results/samples.jsonl (a model's rows replace its earlier ones), samples.md and the
-README's block.
+--out`). Writes benchmarks/results/quality/smollm2-quick/samples.jsonl (a model's rows replace its earlier ones) and
+samples.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store import RESULTS, publish  # noqa: E402
+from store import QUALITY, publish  # noqa: E402
 
 from cmpq.eval.records import read_records  # noqa: E402
 from cmpq.generate import generate  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="smollm2-135m or directories saved by cmpq quantize --out")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
-    jsonl = RESULTS / "samples.jsonl"
+    jsonl = QUALITY / "samples.jsonl"
     stored = read_records(jsonl) if jsonl.exists() else []
     new = [row for model in args.models for row in sample(model, args.max_new_tokens)]
     order = list(dict.fromkeys([r["model"] for r in stored] + args.models))  # a re-measured model keeps its place

@@ -39,6 +39,21 @@ def publish(name: str, records: list[dict[str, Any]] | None, markdown: str, grou
     print(markdown)
 
 
+QUALITY = RESULTS / "quality" / "smollm2-quick"  # quality on the bundled model (quick protocol): any machine
+
+
+def machine_slug() -> str:
+    """This CPU and the kernels' ISA as a folder name (e.g. intel-xeon-avx512): where speed and cost results go."""
+    import re
+
+    from cmpq.eval.records import machine
+
+    info = machine()
+    words = re.sub(r"\(r\)|\(tm\)|\bprocessor\b|\bcpu\b|@.*", " ", info["cpu"].lower())
+    slug = "-".join(re.findall(r"[a-z0-9]+", words)[:4]) or info["arch"]
+    return f"{slug}-{info['isa']}"
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path

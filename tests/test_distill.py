@@ -1,4 +1,4 @@
-"""End-to-end distillation of the stored values (`cmpq.distill`)."""
+"""End-to-end distillation of the stored values (`cmpq.training.distill`)."""
 
 import json
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmpq.distill import DistillConfig, distill_model, sparse_kl, split, teacher_topk
 from cmpq.errors import ConfigError
 from cmpq.models.arch import find_arch
 from cmpq.models.tiny import TINY_VOCAB, tiny_model
 from cmpq.pipeline import quantize_model
 from cmpq.quantizers import get_quantizer
+from cmpq.training.distill import DistillConfig, distill_model, sparse_kl, split, teacher_topk
 
 
 def test_sparse_kl_is_the_full_kl_when_the_top_k_hold_every_token():
@@ -184,9 +184,9 @@ def test_cli_distill_records_saves_and_round_trips(tiny_dir, tmp_path):
     assert saved["held_out_kl_kept"] == distill["held_out_kl"][distill["epoch_kept"]]
     reloaded = load(directory)
     # the saved values are the distilled ones: the reloaded model scores the recorded held-out KL
-    from cmpq.data.sampling import calibration_windows
     from cmpq.config import CalibConfig
-    from cmpq.distill import teacher_topk as topk
+    from cmpq.data.sampling import calibration_windows
+    from cmpq.training.distill import teacher_topk as topk
 
     windows, _ = calibration_windows(reloaded.tokenizer, CalibConfig(nsamples=8, seqlen=32))
     teacher = topk(load_model(str(tiny_dir)).model, windows[7:8], 8, progress=False)

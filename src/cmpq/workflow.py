@@ -14,22 +14,22 @@ from typing import Any
 
 import torch
 
-from cmpq import distill as distillation
 from cmpq.calibration.precision import resolve_dtype
 from cmpq.config import CalibConfig, EvalConfig, config_to_dict
 from cmpq.data.sampling import calibration_windows
-from cmpq.distill import DistillConfig
 from cmpq.errors import ConfigError
 from cmpq.eval.harness import TaskConfig
 from cmpq.eval.kld import KLDConfig, Reference
 from cmpq.eval.perplexity import perplexity
 from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
-from cmpq.finetune import FinetuneConfig, enabled
 from cmpq.head import describe_head
 from cmpq.models.loaded import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
 from cmpq.quantizers import Quantizer, get_quantizer
 from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW
+from cmpq.training import distill as distillation
+from cmpq.training.distill import DistillConfig
+from cmpq.training.finetune import FinetuneConfig, enabled
 
 
 def check_context(loaded: LoadedModel, seqlen: int, what: str) -> None:
@@ -142,7 +142,7 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, *, t
              progress: bool = True, head: Quantizer | None = None, finetune: FinetuneConfig | None = None,
              distill: DistillConfig | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
     """Quantize `loaded.model` in place (and its output head with `head`, after the blocks), then distill its
-    stored values end to end if `distill` asks (`cmpq.distill`); returns the result and the calibration
+    stored values end to end if `distill` asks (`cmpq.training.distill`); returns the result and the calibration
     description for the record."""
     calib_info: dict[str, Any] = {"used": False}
     windows = None

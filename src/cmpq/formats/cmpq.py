@@ -97,7 +97,7 @@ class CMPQWeight(QuantizedWeight):
 
     def lookup_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(theta, index): the stored values, [codebooks flattened, outlier values], and the (out, in) position
-        of each weight in theta, so that dequantize() == theta[index]. Fine-tuning (`cmpq.finetune`) trains
+        of each weight in theta, so that dequantize() == theta[index]. Fine-tuning (`cmpq.training.finetune`) trains
         theta with the index fixed."""
         theta = torch.cat([self.codebooks.flatten(), self.outlier_values.float()])
         return theta, lookup_index(self.codes, self.codebooks.shape[1], self.outlier_rows, self.outlier_cols)

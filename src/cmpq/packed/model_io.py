@@ -105,14 +105,14 @@ def _head_entry(result: QuantizationResult, head: Quantizer | None) -> dict[str,
 
 
 def _finetune_entry(result: QuantizationResult) -> dict | None:
-    """How the stored values were fine-tuned (`cmpq.finetune`), or None."""
+    """How the stored values were fine-tuned (`cmpq.training.finetune`), or None."""
     if result.finetune_config is None:
         return None
     return {**config_to_dict(result.finetune_config), "blocks_kept": sum(b["kept"] for b in result.finetune)}
 
 
 def _distill_entry(result: QuantizationResult) -> dict | None:
-    """How the stored values were distilled end to end (`cmpq.distill`), or None."""
+    """How the stored values were distilled end to end (`cmpq.training.distill`), or None."""
     if result.distill is None:
         return None
     keys = ("epochs", "lr", "topk", "holdout", "tokens", "train_windows", "held_out_windows", "epoch_kept",

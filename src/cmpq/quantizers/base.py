@@ -25,7 +25,7 @@ BUDGET_TOLERANCE_BPW = 0.02  # PROTOCOL: a bits target means honest bpw at most 
 @dataclass(frozen=True)
 class Preset:
     """A named setting of a method, defined once: its config options, and the epochs of end-to-end distillation
-    (`cmpq.distill`) that a quantization job runs after it unless told otherwise. `get_quantizer(name,
+    (`cmpq.training.distill`) that a quantization job runs after it unless told otherwise. `get_quantizer(name,
     preset=...)`, `cmpq quantize --preset` and `cmpq compare` all read it from here."""
 
     options: Mapping[str, Any] = field(default_factory=dict)
