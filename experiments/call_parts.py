@@ -1,6 +1,6 @@
 """Where a batch-1 call goes on a random 11008x4096 3-bit layer: module forward against a direct kernel call,
 with 0.5% outliers and without, beside the copy bandwidth of the same process (2 threads, medians of 31).
-Run: `python benchmarks/microbench/call_parts.py`."""
+Run: `python experiments/call_parts.py`."""
 import torch
 from cmpq.bench.kernels import median_seconds, copy_bandwidth
 from cmpq.kernels import native

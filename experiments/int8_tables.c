@@ -13,7 +13,7 @@
  * Both read the same 16.9 MB of codes. The int8 variant approximates each product C_j[c] x_j to 8 bits of its
  * block's largest: what it costs in accuracy is not measured here.
  * Build and run (AVX-512 with VBMI and VNNI):
- *   gcc -O3 -fopenmp benchmarks/microbench/int8_tables.c -o /tmp/int8_tables && /tmp/int8_tables
+ *   gcc -O3 -fopenmp experiments/int8_tables.c -o /tmp/int8_tables && /tmp/int8_tables
  * Prints medians of 51 runs at 1 and 2 threads: ms, ns per 16 weights per thread, GB/s of codes, and the
  * fraction of a 256 MB copy by as many threads (read + write counted) timed right after. */
 #include <immintrin.h>

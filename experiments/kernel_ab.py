@@ -1,7 +1,7 @@
 """A/B of two kernel builds: batch-1/4 LUT-GEMV of a random 11008x4096 layer (0.5% outliers), 3 and 4 bits.
 
 Copy `src` (with its built extension) to another directory, change and rebuild one copy, then alternate
-`PYTHONPATH=<tree>/src python benchmarks/microbench/kernel_ab.py` between the two trees; each line prints the
+`PYTHONPATH=<tree>/src python experiments/kernel_ab.py` between the two trees; each line prints the
 tree's name and median ms per call over 31 repeats.
 """
 import sys, torch, cmpq

@@ -1,15 +1,15 @@
 /* Microbenchmark of the batch-1 LUT-GEMV inner loop on its own (no tables to build, no outliers, no Python), to
- * see what bounds it. A 3-bit layer of 11008 x 4096 in the row-packed layout of lut_kernels.c (16-row groups, a
+ * see what bounds it. A 3-bit layer of 11008 x 4096 in the row-packed layout of the kernels (16-row groups, a
  * 48-bit window per column), four groups per pass, one float32 accumulator per group. Variants:
- *   mask      decode (vpmultishiftqb), AND with 7, vpermps on an 8-entry table, add   (the loop before session 6)
- *   repeated  decode, vpermps on the table repeated to 16 entries (no AND), add       (the loop shipped since)
+ *   mask      decode (vpmultishiftqb), AND with 7, vpermps on an 8-entry table, add   (an earlier loop)
+ *   repeated  decode, vpermps on the table repeated to 16 entries (no AND), add       (the loop the kernels use)
  *   bf16      two groups per vector of 32 bf16 indices: decode, vpermw on a bf16 table repeated to 32 entries,
  *             two vdpbf16ps into even/odd-row accumulators, 8 accumulators (an approximate alternative)
  *   bcst      as repeated, the window's broadcast load folded into vpmultishiftqb ({1to8} memory operand)
  *   decode    load, decode, add (no look-up: the cost of the rest)
  *   load      load, add (the floor)
  * Build and run (AVX-512 with VBMI and BF16 needed):
- *   gcc -O3 -fopenmp benchmarks/microbench/lut_loop.c -o /tmp/lut_loop && /tmp/lut_loop
+ *   gcc -O3 -fopenmp experiments/lut_loop.c -o /tmp/lut_loop && /tmp/lut_loop
  * Prints the best of 100 runs per variant, at 1 and 2 threads, in ns per 16 weights and GB/s of codes. */
 #include <immintrin.h>
 #include <omp.h>

@@ -1,13 +1,13 @@
 /* Microbenchmark of the batch-1 AVX2 LUT-GEMV inner loop on its own (no tables to build, no outliers, no Python),
  * to see what bounds it on a CPU without AVX-512. A 3-bit layer of 11008 x 4096 in the row-packed layout of
- * lut_kernels.c (16-row groups, 8 rows per 256-bit vector, rows 8..15 of a group start at byte 3 of the column),
+ * the kernels (16-row groups, 8 rows per 256-bit vector, rows 8..15 of a group start at byte 3 of the column),
  * four groups (eight accumulators) per pass, a table of 8 floats per column. Variants, per 8 weights:
  *   full      broadcast 32-bit load, vpsrlvd, vpermps, add       (the shipped loop)
  *   nolookup  broadcast load, vpsrlvd, add                      (no look-up)
  *   noshift   broadcast load, vpermps, add                      (no decode: wrong values, the look-up's cost)
  *   loadonly  broadcast load, add                               (the floor)
  *   qwin      one 64-bit broadcast per group, both halves decoded from it (fewer loads, one more shuffle)
- * Build and run (AVX2): gcc -O3 -fopenmp benchmarks/microbench/lut_loop_avx2.c -o /tmp/lut2 && /tmp/lut2
+ * Build and run (AVX2): gcc -O3 -fopenmp experiments/lut_loop_avx2.c -o /tmp/lut2 && /tmp/lut2
  * Prints the best of 40 runs per variant, at 1 and 2 threads, in ns per 16 weights per thread and GB/s of codes.
  * (A "sliced" layout, one 32-bit lane per row holding ten 3-bit codes, plain loads and vpsrld by 3 per column,
  * measured the same as `full` on Zen 3: 1.02-1.07 ns against 1.07-1.19; it is not committed.) */

@@ -4,7 +4,7 @@
  * no loads and no dependencies between steps except each vaddps on its own accumulator (8 chains). Cycles are
  * derived from a dependent chain of scalar adds (1 per cycle), timed first.
  * Build and run (AVX-512 with VBMI):
- *   gcc -O3 benchmarks/microbench/op_throughput.c -o /tmp/op_throughput && /tmp/op_throughput */
+ *   gcc -O3 experiments/op_throughput.c -o /tmp/op_throughput && /tmp/op_throughput */
 #include <immintrin.h>
 #include <stdio.h>
 #include <time.h>

@@ -14,8 +14,12 @@ from cmpq.quantizers.error_feedback import quantize_with_feedback
 from cmpq.quantizers.gptq import gptq_quantize
 from cmpq.quantizers.llmmq import quantize_with_outliers
 from cmpq.quantizers.rtn import quantize_uniform
-from cmpq.quantizers.smoothquant import (SmoothQuantConfig, fake_quantize_per_token, smoothing_factors,
-                                         smoothquant_quantize)
+from cmpq.quantizers.smoothquant import (
+    SmoothQuantConfig,
+    fake_quantize_per_token,
+    smoothing_factors,
+    smoothquant_quantize,
+)
 
 
 def correlated_layer(out=40, columns=96, tokens=2048, seed=0):

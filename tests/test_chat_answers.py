@@ -4,8 +4,14 @@ import math
 
 import torch
 
-from cmpq.eval.chat_answers import (answer_nll, chat_prompts, greedy_answers, plain_prompts, repeated_ngram_share,
-                                    score_answers)
+from cmpq.eval.chat_answers import (
+    answer_nll,
+    chat_prompts,
+    greedy_answers,
+    plain_prompts,
+    repeated_ngram_share,
+    score_answers,
+)
 from cmpq.models.load import load_model
 
 

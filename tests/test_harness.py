@@ -10,11 +10,17 @@ pytest.importorskip("lm_eval")
 
 from cmpq.cli import main  # noqa: E402
 from cmpq.compare import Extras  # noqa: E402
-from cmpq.eval import task_data  # noqa: E402
-from cmpq.eval.harness import (ZERO_SHOT_TASKS, TaskConfig, evaluate_tasks, local_mmlu_config,  # noqa: E402
-                               local_task_config, wrap_model)
-from cmpq.eval.records import read_records  # noqa: E402
 from cmpq.errors import ConfigError  # noqa: E402
+from cmpq.eval import task_data  # noqa: E402
+from cmpq.eval.harness import (  # noqa: E402
+    ZERO_SHOT_TASKS,
+    TaskConfig,
+    evaluate_tasks,
+    local_mmlu_config,
+    local_task_config,
+    wrap_model,
+)
+from cmpq.eval.records import read_records  # noqa: E402
 from cmpq.models.tiny import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
 
 

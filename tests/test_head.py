@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from cmpq.errors import ConfigError
+from cmpq.formats.cmpq import CMPQLinear
 from cmpq.head import head_quantizer, output_head
 from cmpq.models.arch import find_arch
 from cmpq.models.loaded import LoadedModel
 from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
-from cmpq.formats.cmpq import CMPQLinear
 from cmpq.packed.model_io import WEIGHTS, load, save_quantized
 from cmpq.pipeline import quantize_model
 from cmpq.quantizers import get_quantizer
@@ -83,8 +83,8 @@ def test_head_statistics_are_its_inputs_and_need_windows():
 def test_a_model_with_a_quantized_head_saves_and_loads(tmp_path, method):
     from transformers import AutoModelForCausalLM
 
-    from cmpq.workflow import quantize
     from cmpq.config import CalibConfig
+    from cmpq.workflow import quantize
 
     loaded = loaded_tiny()
     body = get_quantizer("cmpq", preset="best", bits=3.0) if method == "cmpq" else get_quantizer("rtn", bits=4)

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from cmpq.errors import ConfigError, FormatError
 from cmpq.eval import kld
-from cmpq.eval.kld import (KLDConfig, build_reference, kl_divergence, kld_against_float, load_reference,
-                           reference_path)
+from cmpq.eval.kld import KLDConfig, build_reference, kl_divergence, kld_against_float, load_reference, reference_path
 from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
 
 SEQLEN = 32

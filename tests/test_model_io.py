@@ -8,11 +8,11 @@ import torch
 
 import cmpq
 from cmpq.errors import CmpqError, FormatError
+from cmpq.formats.cmpq import CMPQLinear
 from cmpq.kernels import native
 from cmpq.models.arch import find_arch
 from cmpq.models.loaded import LoadedModel
 from cmpq.models.tiny import TINY_VOCAB, tiny_model, tiny_tokenizer
-from cmpq.formats.cmpq import CMPQLinear
 from cmpq.packed.hf import FORMAT_VERSION
 from cmpq.packed.model_io import WEIGHTS, load, save_quantized
 from cmpq.pipeline import quantize_model

@@ -1,4 +1,4 @@
-"""The packed format: bit planes, CMPQ layer packing (bit-identical, bits = accounting), clear errors."""
+"""The packed format: row-packed codes and bit streams, CMPQ layer packing (bit-identical, bits = accounting), clear errors."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """End-to-end distillation of the stored values against the float model's next-token distribution.
 
-Block fine-tuning (`cmpq.finetune`) matches each block's outputs on its own; errors that only show in the
+Block fine-tuning (`cmpq.training.finetune`) matches each block's outputs on its own; errors that only show in the
 tokens the model predicts, and the drift that quantized blocks pass to later ones, are left. This pass comes
 after every block is quantized: the whole quantized model is trained, the codes fixed, to predict the float
 model's next-token distribution on the calibration windows. What trains is what the packed file stores as
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from cmpq.calibration.precision import compute_context
 from cmpq.config import check
-from cmpq.finetune import StoredValues, rms, tunable
 from cmpq.formats.base import QuantizedWeight
+from cmpq.training.finetune import StoredValues, rms, tunable
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def rms(t: torch.Tensor) -> float:
 
 class StoredValues:
     """The stored values of lookup-quantized layers as trainable tensors: each weight is theta[index] with the
-    index fixed by the codes (`CMPQWeight.lookup_values`). Shared by block fine-tuning and `cmpq.distill`."""
+    index fixed by the codes (`CMPQWeight.lookup_values`). Shared by block fine-tuning and `cmpq.training.distill`."""
 
     def __init__(self, layers: dict[str, QuantizedWeight]) -> None:
         self.layers = layers
