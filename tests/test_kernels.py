@@ -4,9 +4,9 @@ outliers, batch 1..64, every instruction set this CPU can run."""
 import pytest
 import torch
 
+from cmpq.formats.cmpq import CMPQLinear
+from cmpq.formats.synthetic import random_cmpq_layer
 from cmpq.kernels import native
-from cmpq.packed.cmpq_layer import CMPQLinear
-from cmpq.packed.synthetic import random_cmpq_layer
 
 ISAS = native.supported_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="native kernels not built")
@@ -180,7 +180,7 @@ def test_forcing_an_unknown_isa_is_an_error(monkeypatch):
 
 def test_kernel_benchmark_writes_ratios_and_bandwidth(tmp_path):
     from cmpq.bench import kernels
-    from cmpq.packed.synthetic import mixed_widths
+    from cmpq.formats.synthetic import mixed_widths
 
     widths = mixed_widths(100, 2.5)
     assert widths.float().mean().item() == 2.5 and set(widths.tolist()) == {2, 3}
@@ -347,3 +347,81 @@ def test_layer_int8_tables_apply_to_one_token_only_and_bad_modes_are_errors(monk
     native.warn_int8_unsupported.cache_clear()
     with pytest.warns(UserWarning, match="AVX2 or AVX-512"):
         assert torch.equal(module(one), exact_one)
+
+def test_the_layer_struct_has_the_same_layout_in_c_and_python():
+    """The library's cmpq_layer_t and native.CMPQLayer: the same size and last field offset (checked at load),
+    and the same field names, order and kinds as cmpq_kernels.h declares them (which the sizes alone would miss
+    for two swapped fields of one size)."""
+    import ctypes
+    import re
+    from pathlib import Path
+
+    lib = native.library()
+    native.check_layout(lib)
+    assert lib.cmpq_layer_size() == ctypes.sizeof(native.CMPQLayer)
+    assert lib.cmpq_layer_last_offset() == getattr(native.CMPQLayer, native.CMPQLayer._fields_[-1][0]).offset
+    header = Path(native.__file__).with_name("cmpq_kernels.h")
+    if not header.exists():
+        pytest.skip("the C sources are not beside native.py")
+    body = re.search(r"typedef struct cmpq_layer \{(.*?)\} cmpq_layer_t;", header.read_text(), re.S).group(1)
+    declared = []
+    for line in re.sub(r"/\*.*?\*/", "", body, flags=re.S).splitlines():
+        if line.strip():
+            kind, name = re.fullmatch(r"\s*(.+?)\s*(\w+);\s*", line).groups()
+            declared.append((name, ctypes.c_void_p if "*" in kind else {"int64_t": ctypes.c_int64}[kind]))
+    assert declared == [(name, kind) for name, kind in native.CMPQLayer._fields_]
+
+
+def test_a_layer_struct_of_another_layout_or_a_stale_library_is_refused(monkeypatch):
+    import ctypes
+    import types
+
+    lib = native.library()
+
+    class Shorter(ctypes.Structure):
+        _fields_ = native.CMPQLayer._fields_[:-1]
+
+    class Longer(ctypes.Structure):
+        _fields_ = native.CMPQLayer._fields_ + [("extra", ctypes.c_int32)]
+
+    for wrong in (Shorter, Longer):
+        with pytest.raises(RuntimeError, match="disagree .* layer struct"):
+            native.check_layout(lib, wrong)
+    with pytest.raises(RuntimeError, match="predate the layer struct"):
+        native.check_layout(types.SimpleNamespace(_name="old_lut.so"))
+    monkeypatch.setattr(native, "CMPQLayer", Shorter)  # what loading the library checks
+    with pytest.raises(RuntimeError, match="disagree"):
+        native.library.__wrapped__()
+
+
+@INT8
+def test_the_int8_kernel_refuses_a_layer_struct_without_int8_codes():
+    """The prepared layer's own struct has no codes8 (only an int8 view's copy has): an error, not a crash."""
+    prepared = CMPQLinear.from_weight(random_layer(32, 40, [3], nnz=5)).prepare_native()
+    kernel = native.int8_isa()
+    view = prepared.int8_view(kernel)
+    assert view.layer.codes8 == view.codes8.data_ptr() and view.layer.rows == 32 and prepared._layer.codes8 is None
+    x, y = torch.randn(1, 40), torch.empty(1, 32)
+    tables = torch.empty(prepared.table_size + 16)
+    tables8, scales = torch.empty(view.table_bytes + 64, dtype=torch.int8), torch.empty(view.blocks + 1)
+    args = (x.data_ptr(), y.data_ptr(), tables.data_ptr(), tables8.data_ptr(), tables8.numel(), scales.data_ptr(),
+            scales.numel(), None, kernel, 1)
+    lib = native.library()
+    assert lib.cmpq_lut_gemv_int8(prepared._layer, *args) == -1
+    assert lib.cmpq_lut_gemv_int8(view.layer, *args) == 0
+    torch.testing.assert_close(y, native.int8_reference(prepared, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_copied_prepared_layer_points_at_its_own_tensors():
+    import copy
+    import pickle
+
+    module = CMPQLinear.from_weight(random_layer(64, 40, [2, 3, 5], nnz=20))
+    prepared = module.prepare_native()
+    x = torch.randn(3, 40)
+    expected = prepared.gemv(x, None)
+    for clone in (copy.deepcopy(prepared), pickle.loads(pickle.dumps(prepared))):
+        assert clone._layer.codes == clone.codes.data_ptr() != prepared._layer.codes
+        assert torch.equal(clone.gemv(x, None), expected)
+        if native.int8_supported():
+            torch.testing.assert_close(clone.gemv_int8(x[:1], None), prepared.gemv_int8(x[:1], None))

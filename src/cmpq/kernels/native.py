@@ -1,8 +1,10 @@
-"""ctypes bindings of the native LUT kernels (`lut_kernels.c`), and the per-layer data they read.
+"""ctypes bindings of the native LUT kernels (the C files beside this one), and the per-layer data they read.
 
 The library is built by the package install (setup.py); when it is missing, `library()` returns None and warns
-once, and quantized layers use the PyTorch reference path. `CMPQ_KERNEL=reference|native|auto` forces a
-path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
+once, and quantized layers use the PyTorch reference path. The kernels take each layer as one struct,
+`cmpq_layer_t` in cmpq_kernels.h, mirrored here by `CMPQLayer`; `library()` checks that both have the same layout
+and raises if not (a stale build, or a field changed on one side only). `CMPQ_KERNEL=reference|native|auto`
+forces a path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
 One-token calls use int8 look-up tables (a kernel for AVX-512 with VBMI and VNNI, one for AVX2): about 2x faster
 layers, each product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what
 they compute). `CMPQ_TABLES=float` (or a layer's `tables = "float"`) keeps the exact float tables; `auto` (the
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cmpq.calibration.precision import native_bfloat16
-from cmpq.packed.codes import codes_at, unpack_codes
+from cmpq.formats.bitpack import codes_at, unpack_codes
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 MAX_BATCH = 8  # tokens per LUT-GEMV call (the kernel's register blocking)
@@ -36,19 +38,81 @@ TILE_BYTES = 4 << 20  # one dequantized tile: small enough to stay in cache whil
 _PAD = 16      # kernels load whole 16-float registers from tables and codebooks
 
 
+class CMPQLayer(ctypes.Structure):
+    """`cmpq_layer_t` of cmpq_kernels.h, field for field (same names, order and types): one packed layer as the
+    kernels read it, passed by pointer. Pointers are raw addresses of tensors that the owner keeps alive; the int8
+    fields are set only in an int8 kernel's copy (`Int8Layer.layer`)."""
+
+    _fields_ = [
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("codes", ctypes.c_void_p),         # (groups, words) uint16, + 8 bytes of padding
+        ("order", ctypes.c_void_p),         # (cols) int32: stored column -> original column
+        ("widths", ctypes.c_void_p),        # (cols) uint8, stored order
+        ("codebooks", ctypes.c_void_p),     # flat float32, stored order, padded
+        ("cb_offset", ctypes.c_void_p),     # (cols) int64
+        ("table_offset", ctypes.c_void_p),  # (cols) int64: LUT-GEMV table slots, max(16, 2^w) per column
+        ("table_size", ctypes.c_int64),
+        ("orow", ctypes.c_void_p),          # (rows + 1) int32: outliers CSR
+        ("ocol", ctypes.c_void_p),          # (nnz) int32: original columns (LUT-GEMV)
+        ("odelta", ctypes.c_void_p),        # (nnz) float32: value - the codebook value it replaces (LUT-GEMV)
+        ("opos", ctypes.c_void_p),          # (nnz) int32: stored columns (tiles)
+        ("ovalue", ctypes.c_void_p),        # (nnz) float32: values (tiles)
+        ("codes8", ctypes.c_void_p),        # int8 kernels: the narrow columns' codes in that kernel's layout
+        ("stride8", ctypes.c_int64),        # int8 kernels: bytes of codes8 per 16-row group
+        ("amax", ctypes.c_void_p),          # int8 kernels: (cols) float32, each column's largest |entry|
+    ]
+
+
+def check_layout(lib: ctypes.CDLL, layer_type: type[ctypes.Structure] | None = None) -> None:
+    """Raise RuntimeError unless the library's `cmpq_layer_t` has the size of `layer_type` (default: CMPQLayer)
+    and its last field at the same offset: ctypes cannot see the C struct, and a mismatch would make the kernels
+    read wrong pointers."""
+    layer_type = layer_type or CMPQLayer
+    name = getattr(lib, "_name", lib)
+    try:
+        size, last_offset = lib.cmpq_layer_size, lib.cmpq_layer_last_offset
+    except AttributeError:
+        raise RuntimeError(f"the native kernels {name} predate the layer struct that cmpq.kernels.native passes "
+                           "(no cmpq_layer_size): rebuild them (pip install -e . or python setup.py build_ext "
+                           "--inplace)") from None
+    size.argtypes = last_offset.argtypes = []
+    size.restype = last_offset.restype = ctypes.c_int64
+    last = layer_type._fields_[-1][0]
+    c_layout = (int(size()), int(last_offset()))
+    py_layout = (ctypes.sizeof(layer_type), getattr(layer_type, last).offset)
+    if c_layout != py_layout:
+        raise RuntimeError(
+            f"the native kernels {name} disagree with cmpq.kernels.native on the layer struct: cmpq_layer_t is "
+            f"{c_layout[0]} bytes with its last field at offset {c_layout[1]}, {layer_type.__name__} is "
+            f"{py_layout[0]} bytes with '{last}' at {py_layout[1]}. Keep the fields of cmpq_kernels.h and "
+            f"{layer_type.__name__} equal, and rebuild the kernels (pip install -e . or python setup.py build_ext "
+            "--inplace).")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one warning) if they were not built."""
+    """The compiled kernels, or None (with one warning) if they were not built. Raises RuntimeError if they were
+    built from a different layer struct (`check_layout`)."""
     candidates = sorted(Path(__file__).parent.glob("_lut*.so")) + sorted(Path(__file__).parent.glob("_lut*.pyd"))
     if not candidates:
         warnings.warn("cmpq native kernels are not built (no C compiler with OpenMP at install time?); using the "
                       "PyTorch reference path. Reinstall with a compiler to get them.", stacklevel=2)
         return None
     lib = ctypes.CDLL(str(candidates[0]))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.cmpq_lut_gemv.argtypes = [p, i64, p, p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, i32]
+    check_layout(lib)
+    _declare(lib)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument and result types of the exported functions (dispatch.c)."""
+    p, i64, i32, layer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(CMPQLayer)
+    # (layer, x, batch, y, tables, bias, isa, threads)
+    lib.cmpq_lut_gemv.argtypes = [layer, p, i64, p, p, p, i32, i32]
     lib.cmpq_lut_gemv.restype = i32
-    lib.cmpq_dequant_tile.argtypes = [p, i64, i64, i64, i32, i64, i64, p, p, p, p, p, p, p, i32, i32]
+    # (layer, out, ld, g0, g1, bf16, isa, threads)
+    lib.cmpq_dequant_tile.argtypes = [layer, p, i64, i64, i64, i32, i32, i32]
     lib.cmpq_dequant_tile.restype = i32
     lib.cmpq_isa_supported.argtypes = [i32]
     lib.cmpq_isa_supported.restype = i32
@@ -57,10 +121,9 @@ def library() -> ctypes.CDLL | None:
     lib.cmpq_int8_isa.restype = i32
     lib.cmpq_int8_sizes.argtypes = [p, i64, i32, p]
     lib.cmpq_int8_sizes.restype = None
-    lib.cmpq_lut_gemv_int8.argtypes = [p, p, p, i64, p, i64, p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, p,
-                                       p, i32, i32]
+    # (layer, x, y, tables, tables8, tables8 bytes, scales, scales count, bias, isa, threads)
+    lib.cmpq_lut_gemv_int8.argtypes = [layer, p, p, p, p, i64, p, i64, p, i32, i32]
     lib.cmpq_lut_gemv_int8.restype = i32
-    return lib
 
 
 @functools.cache
@@ -191,11 +254,22 @@ class PreparedLayer:
 
     def __post_init__(self) -> None:
         # Decode calls this layer once per token: the pointers of its fixed tensors are taken once here (the
-        # tensors belong to this object; a copy of the module drops it, `PackedLinear.__getstate__`).
+        # tensors belong to this object; a copy of the module drops it, `PackedLinear.__getstate__`, and a copy of
+        # this object takes its own, `__setstate__`).
         self._order64 = self.order.long()
-        self._fixed = (self.table_size, self.rows, self.cols, _ptr(self.codes), _ptr(self.order), _ptr(self.widths),
-                       _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.table_offset), _ptr(self.orow),
-                       _ptr(self.ocol), _ptr(self.odelta))
+        self._layer = CMPQLayer(
+            rows=self.rows, cols=self.cols, codes=_ptr(self.codes), order=_ptr(self.order), widths=_ptr(self.widths),
+            codebooks=_ptr(self.codebooks), cb_offset=_ptr(self.cb_offset), table_offset=_ptr(self.table_offset),
+            table_size=self.table_size, orow=_ptr(self.orow), ocol=_ptr(self.ocol), odelta=_ptr(self.odelta),
+            opos=_ptr(self.outlier_pos), ovalue=_ptr(self.outlier_values))
+
+    def __getstate__(self) -> dict:
+        # the struct and the int8 views hold raw pointers into this object's tensors: a copy makes its own
+        return {k: v for k, v in self.__dict__.items() if k not in ("_order64", "_layer", "_int8")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def dense_codes(self) -> torch.Tensor:
         """(rows, cols) int64 codes in stored column order, unpacked from the kernel's copy."""
@@ -224,9 +298,9 @@ class PreparedLayer:
         y = torch.empty(1, self.rows, dtype=torch.float32)
         tables = _tables(self.table_size + _PAD)
         scratch8, scales = _int8_scratch(v.table_bytes + 64, v.blocks + 1)
-        status = library().cmpq_lut_gemv_int8(x.data_ptr(), y.data_ptr(), tables.data_ptr(), self.table_size,
+        status = library().cmpq_lut_gemv_int8(v.layer, x.data_ptr(), y.data_ptr(), tables.data_ptr(),
                                               scratch8.data_ptr(), scratch8.numel(), scales.data_ptr(),
-                                              scales.numel(), *v.fixed, _ptr(bias), kernel, threads)
+                                              scales.numel(), _ptr(bias), kernel, threads)
         if status != 0:
             raise RuntimeError(f"cmpq_lut_gemv_int8 failed ({status})")
         return y
@@ -240,7 +314,7 @@ class PreparedLayer:
         lib = library()
         for start in range(0, batch, MAX_BATCH):
             n = min(MAX_BATCH, batch - start)
-            status = lib.cmpq_lut_gemv(x[start].data_ptr(), n, y[start].data_ptr(), tables.data_ptr(), *self._fixed,
+            status = lib.cmpq_lut_gemv(self._layer, x[start].data_ptr(), n, y[start].data_ptr(), tables.data_ptr(),
                                        _ptr(bias), isa, threads)
             if status != 0:
                 raise RuntimeError(f"cmpq_lut_gemv failed (isa {isa}, batch {n})")
@@ -254,10 +328,8 @@ class PreparedLayer:
         width = min(self.rows, 16 * g1) - 16 * g0
         ld = 16 * (g1 - g0)
         view = out.view(-1)[: self.cols * ld].view(self.cols, ld)
-        status = library().cmpq_dequant_tile(view.data_ptr(), ld, g0, g1, int(out.dtype == torch.bfloat16),
-                                             self.rows, self.cols, _ptr(self.codes), _ptr(self.widths),
-                                             _ptr(self.codebooks), _ptr(self.cb_offset), _ptr(self.orow),
-                                             _ptr(self.outlier_pos), _ptr(self.outlier_values), isa, threads)
+        status = library().cmpq_dequant_tile(self._layer, view.data_ptr(), ld, g0, g1,
+                                             int(out.dtype == torch.bfloat16), isa, threads)
         if status != 0:
             raise RuntimeError(f"cmpq_dequant_tile failed (isa {isa}, groups {g0}..{g1})")
         return view[:, :width]
@@ -278,21 +350,21 @@ class PreparedLayer:
         return y if bias is None else y + bias.to(y.dtype)
 
 
-INT8_BLOCK = 32   # stored columns per int8 scale (lut_kernels.c)
+INT8_BLOCK = 32   # stored columns per int8 scale (cmpq_kernels.h)
 INT8_MAX_WIDTH = 4
 
 
 @dataclass
 class Int8Layer:
     """An int8-table kernel's view of a layer: the codes of its columns of up to 4 bits in that kernel's layout
-    (see lut_kernels.c), and each stored column's largest |codebook entry|."""
+    (see int8_avx512.c and int8_avx2.c), and each stored column's largest |codebook entry|."""
 
     codes8: torch.Tensor   # (groups * stride8 + 64,) uint8
     stride8: int
     amax: torch.Tensor     # (cols,) float32
     table_bytes: int
     blocks: int
-    fixed: tuple           # the kernel's arguments from rows to odelta, taken once
+    layer: CMPQLayer       # the prepared layer's struct with codes8, stride8 and amax set, made once
 
 
 def width_runs(widths: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -357,11 +429,11 @@ def int8_layer(prepared: "PreparedLayer", kernel: int) -> Int8Layer:
     sizes = torch.zeros(2, dtype=torch.int64)
     library().cmpq_int8_sizes(_ptr(prepared.widths), prepared.cols, kernel, sizes.data_ptr())
     flat = torch.cat([codes8.reshape(-1), torch.zeros(64, dtype=torch.uint8)])
-    p, stride8 = prepared, codes8.shape[1]
-    fixed = (p.rows, p.cols, _ptr(p.codes), _ptr(flat), stride8, _ptr(p.order), _ptr(p.widths), _ptr(p.codebooks),
-             _ptr(p.cb_offset), _ptr(amax), _ptr(p.orow), _ptr(p.ocol), _ptr(p.odelta))
+    stride8 = codes8.shape[1]
+    layer = CMPQLayer.from_buffer_copy(prepared._layer)
+    layer.codes8, layer.stride8, layer.amax = _ptr(flat), stride8, _ptr(amax)
     return Int8Layer(codes8=flat, stride8=stride8, amax=amax, table_bytes=int(sizes[0]), blocks=int(sizes[1]),
-                     fixed=fixed)
+                     layer=layer)
 
 
 def _int8_scratch(nbytes: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
