@@ -291,10 +291,11 @@ class CMPQLinear(PackedLinear):
     """nn.Linear's drop-in from packed CMPQ tensors (buffers named as in the file).
 
     Two paths: the native kernels (`cmpq.kernels.native`: a LUT-GEMV for few tokens, dequantized tiles and
-    dense matmuls for more, in bfloat16 when the input is) and the PyTorch reference (dequantize, then F.linear). `kernel` ("auto",
-    "native", "reference"; default: $CMPQ_KERNEL or auto) and `isa` force either. `tables` ("auto", "float",
-    "int8"; default: $CMPQ_TABLES or auto) chooses the one-token look-up tables: int8 (about 2x faster, each
-    product rounded to 8 bits of its block's largest) where the CPU has them, or exact float."""
+    dense matmuls for more, in bfloat16 for a bfloat16 input where the CPU multiplies bfloat16 natively) and the
+    PyTorch reference (dequantize, then F.linear). `kernel` ("auto", "native", "reference"; default: $CMPQ_KERNEL
+    or auto) and `isa` force either. `tables` ("auto", "float", "int8"; default: $CMPQ_TABLES or auto) chooses
+    the one-token look-up tables: int8 (faster; each product rounded to 8 bits of its block's largest) where the
+    CPU has them, or exact float (docs/kernels.md)."""
 
     def __init__(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None = None) -> None:

@@ -1,4 +1,5 @@
-/* Mixed-precision LUT kernels for packed CMPQ layers (see cmpq/packed/cmpq_layer.py and codes.py for the format):
+/* Mixed-precision LUT kernels for packed CMPQ layers (the format: src/cmpq/formats/cmpq.py and bitpack.py,
+ * docs/format.md):
  * the common header of every kernel file. It holds the layer struct the exported functions take (mirrored by
  * native.CMPQLayer), a call's working view of it, the table of one ISA's kernels, and the helpers that every ISA
  * shares.

@@ -5,8 +5,8 @@ once, and quantized layers use the PyTorch reference path. The kernels take each
 `cmpq_layer_t` in cmpq_kernels.h, mirrored here by `CMPQLayer`; `library()` checks that both have the same layout
 and raises if not (a stale build, or a field changed on one side only). `CMPQ_KERNEL=reference|native|auto`
 forces a path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
-One-token calls use int8 look-up tables (a kernel for AVX-512 with VBMI and VNNI, one for AVX2): about 2x faster
-layers, each product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what
+One-token calls use int8 look-up tables (a kernel for AVX-512 with VBMI and VNNI, one for AVX2): faster layers,
+each product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what
 they compute). `CMPQ_TABLES=float` (or a layer's `tables = "float"`) keeps the exact float tables; `auto` (the
 default) and `int8` use int8 tables wherever the ISA has a kernel for them (`int8` warns where none does).
 """

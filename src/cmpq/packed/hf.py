@@ -44,7 +44,7 @@ class CmpqHfConfig(QuantizationConfigMixin):
         self.bpw = bpw
         self.layers = layers or []
         self.checksum = checksum
-        self.head = head  # {"name", "method", "config", "bpw"} when the output head is quantized too
+        self.head = head  # `describe_head`: name, method, config, target and honest bpw, bits, bytes, when the output head is quantized too
         self.base_model = base_model  # the float model it was quantized from (the KLD reference of `cmpq eval`)
         self.finetune = finetune  # {"epochs", "lr", "target", "blocks_kept"} when the stored values were fine-tuned
         self.distill = distill  # {"epochs", "lr", "topk", "holdout", "epoch_kept", "held_out_kl_kept"} when distilled
