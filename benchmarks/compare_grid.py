@@ -15,10 +15,12 @@ from cmpq import compare
 
 MODEL = "smollm2-135m"
 STORE = Path(__file__).parent / "results" / "quality" / "smollm2-quick" / "methods.jsonl"
-# (methods, bit targets), in the order they are measured: the most telling cells first
-GRIDS = (("float,cmpq,cmpq-nodistill,gptq,awq,rtn,squeezellm", (3,)),
-         ("cmpq,cmpq-nodistill,gptq,awq,rtn,squeezellm", (4,)),
-         ("cmpq,cmpq-nodistill", (2.5,)),
+# (methods, bit targets), in the order they are measured: the cheapest telling cells first, distillation last
+GRIDS = (("float,cmpq,cmpq-nodistill,gptq,awq,rtn", (3,)),
+         ("cmpq-nodistill,gptq,awq,rtn", (4,)),
+         ("cmpq-nodistill", (2.5,)),
+         ("squeezellm", (3, 4)),
+         ("cmpq", (4, 2.5)),
          ("cmpq-nodistill", (2, 3.5)))
 
 
