@@ -23,6 +23,7 @@ import compare_grid  # noqa: E402
 from store import RESULTS  # noqa: E402
 
 from cmpq import compare  # noqa: E402
+from cmpq.atomic import atomic_write  # noqa: E402
 from cmpq.eval.grid import record_key  # noqa: E402
 from cmpq.eval.records import read_records  # noqa: E402
 
@@ -84,7 +85,7 @@ def _window_note(records: list[dict[str, Any]]) -> str:
     for record in records:
         result = (record.get("ppl") or {}).get("wikitext2")
         if result:
-            return (f"Perplexity: PROTOCOL's quick protocol ({result['windows']} windows of 2048 tokens, "
+            return (f"Perplexity: quick protocol ({result['windows']} windows of 2048 tokens, "
                     f"{result['tokens']:,} predicted tokens per dataset).")
     return ""
 
@@ -204,11 +205,8 @@ def draw_quality(series: dict[str, Any], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100, metadata={"Software": None}))
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ---- speed ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmpq.atomic import atomic_write
 from cmpq.config import CalibConfig
 from cmpq.errors import ConfigError
 from cmpq.eval.grid import Cell, jsonable, record_key
@@ -275,9 +276,6 @@ def render_plot(rows: list[tuple[GridCell, dict[str, Any] | None]], path: Path, 
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
     return path
