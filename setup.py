@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 KERNELS = "src/cmpq/kernels"
 # one file per ISA and stage (cmpq_kernels.h says which holds what); all built with the flags below
 SOURCES = [f"{KERNELS}/{name}.c" for name in
-           ("dispatch", "portable", "avx2", "avx512", "int8_avx2", "int8_avx512")]
-HEADERS = [f"{KERNELS}/{name}.h" for name in ("cmpq_kernels", "avx2", "avx512")]
+           ("dispatch", "portable", "avx2", "avx512", "int8_avx2", "int8_avx512", "dense", "engine")]
+HEADERS = [f"{KERNELS}/{name}.h" for name in ("cmpq_kernels", "avx2", "avx512", "dense", "engine")]
 
 flags = ["-O3", "-std=c11", "-fopenmp", "-fPIC"]
 if platform.machine().lower() in ("x86_64", "amd64"):

@@ -331,12 +331,14 @@ def test_layer_int8_tables_apply_to_one_token_only_and_bad_modes_are_errors(monk
     module.tables = None
     monkeypatch.setenv("CMPQ_TABLES", "int8")
     assert torch.equal(module(one), int8_one)
-    monkeypatch.delenv("CMPQ_TABLES")  # the default, auto: int8 tables on every ISA that has a kernel for them
-    assert torch.equal(module(one), int8_one)
+    monkeypatch.delenv("CMPQ_TABLES")  # the default, auto: the exact float tables
+    assert torch.equal(module(one), exact_one)
+    monkeypatch.setenv("CMPQ_TABLES", "int8")
     for isa in INT8_KERNELS:  # a forced ISA gets its own int8 kernel: the same integers
         module.isa = isa
         torch.testing.assert_close(module(one), int8_one, rtol=1e-5, atol=1e-5)
-    module.isa = "portable"  # no int8 kernel: exact float tables, under auto silently
+    module.isa = "portable"  # no int8 kernel: exact float tables
+    monkeypatch.setenv("CMPQ_TABLES", "auto")
     torch.testing.assert_close(module(one), torch.nn.functional.linear(one, module.dequantize()), rtol=1e-5, atol=1e-5)
     module.isa = None
     monkeypatch.setenv("CMPQ_TABLES", "int4")

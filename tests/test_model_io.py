@@ -164,14 +164,17 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys, monkeypatch):
         seen, real = [], cmpq_layer.CMPQLinear.forward
         with monkeypatch.context() as patch:
             patch.setattr(cmpq_layer.CMPQLinear, "forward", lambda self, x: seen.append(self.tables) or real(self, x))
-            assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+            assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "2",
+                         "--engine", "torch"]) == 0
         assert seen and set(seen) == {None}
-    assert main(["generate", "--model", str(source), "--prompt", "hello", "--tables", "int8"]) == 2
+    assert main(["generate", "--model", str(source), "--prompt", "hello", "--tables", "int8", "--engine", "torch"]) == 2
     assert "no CMPQ layers" in capsys.readouterr().err
+    assert main(["generate", "--model", str(out), "--prompt", "hello", "--tables", "int8"]) == 2
+    assert "--engine torch" in capsys.readouterr().err  # int8 tables are a PyTorch-path option
     if native.int8_supported():
         assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "5",
-                     "--tables", "int8"]) == 0
-        assert "tokens/s" in capsys.readouterr().err
+                     "--tables", "int8", "--engine", "torch"]) == 0
+        assert "tokens/s decode (PyTorch path)" in capsys.readouterr().err
 
 
 def test_chat_prompts_go_through_the_template(quantized):
@@ -198,13 +201,13 @@ def test_decode_benchmark_compares_models_with_the_same_loop(quantized, tmp_path
     records = run([str(source), str(directory), f"{directory}:int8", f"{directory}:float"], tmp_path / "out",
                   new_tokens=6, repeats=2)
     assert [r["speedup"] for r in records][0] == 1.0 and records[1]["tokens_per_second"] > 0
-    assert records[1]["bpw"] is not None and records[1]["profile"]
-    assert records[1]["tables"] == ("int8" if native.int8_supported() else "float")
+    # the packed model runs in the native engine (exact float tables); DIR:int8 / DIR:float on the PyTorch path
+    assert records[1]["bpw"] is not None and records[1]["engine"] == "native" and records[1]["tables"] == "float"
     assert records[2]["model"].endswith(":int8") and records[2]["tokens_per_second"] > 0
     assert records[2]["tables"] == "int8" and records[3]["tables"] == "float"
+    assert records[2]["engine"] == records[3]["engine"] == "torch" and records[3]["profile"]
     table = (tmp_path / "out" / "decode.md").read_text()
-    assert "tokens/s" in table and "(int8 tables)" in table and "(float tables)" in table
-    assert f"auto ({records[1]['tables']} on this CPU)" in table
+    assert "tokens/s" in table and "(int8 tables)" in table and "(float tables)" in table and "| native |" in table
     with pytest.raises(ValueError, match="int8 tables apply to CMPQ"):
         run([f"{source}:int8"], tmp_path / "out2", new_tokens=2, repeats=1)
 
@@ -219,7 +222,7 @@ def test_decode_benchmark_alternates_models_and_takes_the_median_of_per_round_ra
     calls = []
     seconds = {"A": iter([9.0, 1.0, 2.0, 4.0]), "B": iter([9.0, 0.5, 1.0, 2.0])}  # first: the warm-up
 
-    def fake_generate(model, ids, new_tokens):
+    def fake_generate(model, ids, new_tokens, engine=None):
         calls.append(model)
         return torch.zeros(new_tokens, dtype=torch.long), 0.1, next(seconds[model])
 
@@ -231,7 +234,7 @@ def test_decode_benchmark_alternates_models_and_takes_the_median_of_per_round_ra
             return "text"
 
     monkeypatch.setattr(decode, "generate_ids", fake_generate)
-    models = [SimpleNamespace(model=name, tokenizer=Tokenizer()) for name in "AB"]
+    models = [SimpleNamespace(model=name, tokenizer=Tokenizer(), engine=None) for name in "AB"]
     results = decode.interleaved_speeds(models, new_tokens=11, repeats=3)
     assert calls == ["A", "B", "A", "B", "A", "B", "A", "B"]
     assert [r["speedup"] for r in results] == [1.0, 2.0]

@@ -260,11 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the logits of tokens already seen by P (CTRL's penalty, as in transformers); the "
                         "default keeps greedy decoding of low-bit models (and often of the float model) from "
                         "looping; 1 = plain greedy (default: %(default)s)")
+    _engine_argument(g)
     g.add_argument("--tables", choices=("auto", "float", "int8"), default=None,
-                   help="look-up tables of the quantized layers for each new token: auto = int8 where the CPU has "
-                        "AVX2 or AVX-512 (faster; each table entry rounded to 8 bits of its block's largest, "
-                        "docs/kernels.md), else float; float = exact (default: $CMPQ_TABLES, else auto)")
-    g.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+                   help="PyTorch path only (--engine torch): look-up tables of the quantized layers for each new "
+                        "token: float = exact (auto is float); int8 = each table entry rounded to 8 bits of its "
+                        "block's largest where the CPU has AVX2 or AVX-512 (docs/kernels.md) (default: "
+                        "$CMPQ_TABLES, else auto)")
+    g.add_argument("--threads", type=_positive_int, help="threads of the engine and torch (default: torch's choice)")
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
                        description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
                                    "medians of repeats; results as JSON lines + Markdown in --out.")
@@ -273,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "2.5/3/4 bits, batch 1/4/16/128; decode: tokens/s of --models with the same generation loop")
     b.add_argument("--models", default="smollm2-135m", metavar="M1,M2,...",
                    help="decode: models to compare, the first being the reference (default: %(default)s; add "
-                        "directories saved by `cmpq quantize --out`; DIR:float or DIR:int8 forces its one-token "
-                        "look-up tables, which are otherwise auto)")
+                        "directories saved by `cmpq quantize --out`; DIR:float or DIR:int8 runs DIR on the PyTorch path "
+                        "with those one-token look-up tables)")
     b.add_argument("--new-tokens", type=_positive_int, default=64, help="decode: tokens per generation "
                                                                          "(default: %(default)s)")
     b.add_argument("--out", default="runs/bench", metavar="DIR",
@@ -285,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token batch sizes (default: 1,4,16,128)")
     b.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per cell (default: %(default)s)")
     b.add_argument("--threads", type=_positive_int, help="torch and kernel threads (default: torch's choice)")
+    _engine_argument(b)
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c = sub.add_parser("compare", help="run methods x bit targets side by side: table + plot",
                        description="The paper's comparison on one model: every method at every target on the same "
@@ -445,19 +448,33 @@ def _kld_config(args: argparse.Namespace):
     return KLDConfig(windows=args.kld_windows) if args.kld else None
 
 
+def _engine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("native", "torch"), default="native",
+                        help="native: the whole forward in native code, one call per token, where it covers the "
+                             "model (LLaMA, Mistral, Qwen2 with CMPQ or float layers; others take the PyTorch path "
+                             "with a notice); torch: transformers' modules (default: %(default)s)")
+
+
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    from cmpq.engine import attach
     from cmpq.formats.cmpq import use_tables
     from cmpq.generate import generate
     from cmpq.models.load import load_model
 
+    if args.tables == "int8" and args.engine == "native":
+        raise CmpqError("--tables int8 runs on the PyTorch path: add --engine torch (the native engine uses exact "
+                        "float tables)")
     loaded = load_model(args.model)
     if args.tables is not None and use_tables(loaded.model, args.tables) == 0 and args.tables == "int8":
         raise CmpqError(f"--tables {args.tables} applies to CMPQ-quantized models; {args.model} has no CMPQ layers")
+    attach(loaded, args.engine)
     result = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.chat,
                       args.repetition_penalty)
     print(result.text)
+    path = "native engine" if loaded.engine is not None else "PyTorch path"
     print(f"[{result.new_tokens} tokens in {result.decode_seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
-          f"decode, prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s]", file=sys.stderr)
+          f"decode ({path}), prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s]",
+          file=sys.stderr)
     return {"text": result.text, "tokens_per_second": result.tokens_per_second}
 
 
@@ -466,7 +483,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.what == "decode":
         records = decode.run([m.strip() for m in args.models.split(",") if m.strip()], args.out, args.new_tokens,
-                             args.repeats)
+                             args.repeats, args.engine)
         print((Path(args.out) / "decode.md").read_text(encoding="utf-8"))
         return {"records": records}
     shapes = {"smollm2": kernels.SMOLLM2_SHAPES, "llama7b": kernels.LLAMA7B_SHAPES,

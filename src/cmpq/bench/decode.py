@@ -23,13 +23,13 @@ def interleaved_speeds(models: list[LoadedModel], new_tokens: int, repeats: int)
     first model, `tokens_per_second` the median over rounds."""
     prompts = [loaded.tokenizer(PROMPT, return_tensors="pt").input_ids for loaded in models]
     for loaded, ids in zip(models, prompts):
-        generate_ids(loaded.model, ids, 4)
+        generate_ids(loaded.model, ids, 4, engine=loaded.engine)
     speeds = [[] for _ in models]
     prefill = [[] for _ in models]
     last = [None] * len(models)
     for _ in range(repeats):
         for i, (loaded, ids) in enumerate(zip(models, prompts)):
-            tokens, prefill_s, decode_s = generate_ids(loaded.model, ids, new_tokens)
+            tokens, prefill_s, decode_s = generate_ids(loaded.model, ids, new_tokens, engine=loaded.engine)
             speeds[i].append((tokens.numel() - 1) / decode_s)
             prefill[i].append(prefill_s)
             last[i] = tokens
@@ -96,15 +96,17 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def load_for_decode(spec: str) -> LoadedModel:
-    """A model spec, where DIR:float / DIR:int8 loads DIR with those look-up tables in its CMPQ layers."""
+def load_for_decode(spec: str, engine: str = "native") -> LoadedModel:
+    """A model spec, where DIR:float / DIR:int8 loads DIR with those look-up tables in its CMPQ layers on the
+    PyTorch path; otherwise it runs on `engine` ("native" where the engine covers it)."""
+    from cmpq.engine import attach
     from cmpq.formats.cmpq import use_tables
 
     path, tables = split_spec(spec)
     loaded = load_model(path)
     if tables is not None and use_tables(loaded.model, tables) == 0:
         raise ValueError(f"{spec}: {tables} tables apply to CMPQ-quantized models, and {path} has none")
-    return loaded
+    return attach(loaded, "torch" if tables is not None else engine)
 
 
 def auto_tables() -> str:
@@ -114,36 +116,40 @@ def auto_tables() -> str:
     return "int8" if native.use_int8_tables("auto", native.isa_code()) else "float"
 
 
-def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: int = 5) -> list[dict]:
+def run(models: list[str], out_dir: str | Path, new_tokens: int = 64, repeats: int = 5,
+        engine: str = "native") -> list[dict]:
     """Decode speed of each model (the first is the reference the others are compared with); all models are loaded
     at once, so that their generations can alternate."""
     from cmpq.eval.records import environment
 
-    loaded = [load_for_decode(spec) for spec in models]
+    loaded = [load_for_decode(spec, engine) for spec in models]
     records = []
     for spec, model, speed in zip(models, loaded, interleaved_speeds(loaded, new_tokens, repeats)):
         quant = getattr(model.model.config, "quantization_config", None)
         quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
         head = (quant or {}).get("head") or {}
-        records.append({"benchmark": "decode", "model": spec, "tables": split_spec(spec)[1] or auto_tables(), **speed,
-                        "bpw": (quant or {}).get("bpw"), "head_bpw": head.get("bpw"), "profile": profile_step(model),
+        path = "native" if model.engine is not None else "torch"
+        tables = split_spec(spec)[1] or ("float" if model.engine is not None else auto_tables())
+        records.append({"benchmark": "decode", "model": spec, "engine": path, "tables": tables, **speed,
+                        "bpw": (quant or {}).get("bpw"), "head_bpw": head.get("bpw"), "profile": profile_step(model) if model.engine is None else [],
                         **environment()})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     lines = [f"Decode, same loop (static KV cache, greedy), prompt {records[0]['prompt_tokens']} tokens, "
              f"{new_tokens} new tokens; {repeats} rounds, each running every model once in turn; tokens/s and the "
-             f"ratio to the first model are medians over the rounds; {records[0]['threads']} threads. Quantized "
-             f"layers' one-token look-up tables: auto ({auto_tables()} on this CPU) unless the name says.", "",
-             "| model | blocks bpw | head bpw | tokens/s | x first | top ops (share of self time) |",
-             "|---|---|---|---|---|---|"]
+             f"ratio to the first model are medians over the rounds; {records[0]['threads']} threads. The native "
+             "engine uses exact float look-up tables; the PyTorch path its default unless the name says.", "",
+             "| model | engine | blocks bpw | head bpw | tokens/s | x first | top ops, PyTorch path (share of self time) |",
+             "|---|---|---|---|---|---|---|"]
     for r in records:
         ops = ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in r["profile"][:4])
         bpw = "-" if r["bpw"] is None else f"{r['bpw']:.3f}"
         head = "float" if r.get("head_bpw") is None else f"{r['head_bpw']:.3f}"
         spec, tables = split_spec(r["model"])
         name = (Path(spec).name if Path(spec).is_dir() else spec) + (f" ({tables} tables)" if tables else "")
-        lines.append(f"| {name} | {bpw} | {head} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f} | {ops} |")
+        lines.append(f"| {name} | {r['engine']} | {bpw} | {head} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f} "
+                     f"| {ops or '-'} |")
     (out / "decode.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return records
 

@@ -137,6 +137,18 @@ CMPQ_API int cmpq_lut_gemv_int8(const cmpq_layer_t *layer, const float *x, float
                                 int64_t tables8_size, float *scales, int64_t scales_size, const float *bias, int isa,
                                 int nthreads);
 
+/* dispatch.c's pieces that the engine (engine.c) runs inside its own OpenMP team */
+CMPQ_HIDDEN const cmpq_kernels_t *kernels_for(int isa);
+CMPQ_HIDDEN void make_layer(layer_t *L, const cmpq_layer_t *src, const float *bias);
+CMPQ_HIDDEN int find_runs(layer_t *L);
+CMPQ_HIDDEN void thread_share(int64_t n, int64_t *lo, int64_t *hi);
+CMPQ_HIDDEN void add_outliers_and_bias(const layer_t *L, const float *x, int64_t batch, float *y, int64_t r0,
+                                       int64_t r1);
+CMPQ_HIDDEN void lut_gemv_team(const cmpq_kernels_t *K, const layer_t *L, const float *x, int64_t batch, float *y,
+                               float *tables, int64_t table_size);
+CMPQ_HIDDEN void dequant_groups(const cmpq_kernels_t *K, const layer_t *L, const cmpq_layer_t *src, void *out,
+                                int64_t ld, int64_t rbase, int bf16, int64_t a, int64_t b);
+
 /* ---- helpers shared by the ISAs ---- */
 
 /* entries of a repeated table: 2^w, repeated up to 16 */

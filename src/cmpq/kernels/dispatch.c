@@ -63,7 +63,7 @@ static const cmpq_kernels_t avx512_kernels = {
 #endif
 
 /* the kernels of ISA code `isa` (-1: the best this CPU has), or NULL where this CPU lacks that ISA */
-static const cmpq_kernels_t *kernels_for(int isa) {
+const cmpq_kernels_t *kernels_for(int isa) {
     if (isa < 0) isa = cmpq_best_isa();
     if (!cmpq_isa_supported(isa)) return NULL;
 #ifdef CMPQ_X86
@@ -74,7 +74,7 @@ static const cmpq_kernels_t *kernels_for(int isa) {
 #endif
 }
 
-static void make_layer(layer_t *L, const cmpq_layer_t *src, const float *bias) {
+void make_layer(layer_t *L, const cmpq_layer_t *src, const float *bias) {
     L->rows = src->rows; L->cols = src->cols; L->groups = (src->rows + GROUP - 1) / GROUP;
     L->words = 0;
     for (int64_t i = 0; i < src->cols; ++i) L->words += src->widths[i];
@@ -89,7 +89,7 @@ static void make_layer(layer_t *L, const cmpq_layer_t *src, const float *bias) {
 
 /* Runs of equal width (scanning them per 64-row pass cost as much as the look-ups on wide layers). Returns 0, or
  * -1 when out of memory. */
-static int find_runs(layer_t *L) {
+int find_runs(layer_t *L) {
     L->run = (int64_t *)malloc(sizeof(int64_t) * (size_t)(L->cols + 1));
     if (!L->run) return -1;
     L->nruns = 0;
@@ -110,7 +110,7 @@ static int threads_for(int nthreads) {
 }
 
 /* [*lo, *hi): the calling thread's contiguous share of n items, inside an OpenMP parallel region */
-static void thread_share(int64_t n, int64_t *lo, int64_t *hi) {
+void thread_share(int64_t n, int64_t *lo, int64_t *hi) {
 #ifdef _OPENMP
     const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
 #else
@@ -121,7 +121,7 @@ static void thread_share(int64_t n, int64_t *lo, int64_t *hi) {
     *hi = *lo + per < n ? *lo + per : n;
 }
 
-static void add_outliers_and_bias(const layer_t *L, const float *x, int64_t batch, float *y, int64_t r0,
+void add_outliers_and_bias(const layer_t *L, const float *x, int64_t batch, float *y, int64_t r0,
                                   int64_t r1) {
     for (int64_t b = 0; b < batch; ++b) {
         const float *xb = x + b * L->cols;
@@ -139,6 +139,45 @@ static void add_outliers_and_bias(const layer_t *L, const float *x, int64_t batc
     }
 }
 
+/* The LUT-GEMV of one call, run by every thread of an OpenMP team (cmpq_lut_gemv's, or the engine's one team per
+ * forward): each thread builds the tables of its share of the columns, then the team shares the chunks of groups.
+ * Ends with the team's barrier: y is complete when any thread returns. */
+void lut_gemv_team(const cmpq_kernels_t *K, const layer_t *L, const float *x, int64_t batch, float *y,
+                   float *tables, int64_t table_size) {
+#ifdef _OPENMP
+    const int64_t threads = omp_get_num_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    /* chunks of groups: the ISA's one-token chunk when there are at least 8 groups per thread for it (fewer would
+     * leave the threads unbalanced), else 4 */
+    const int64_t per_chunk = batch == 1 && L->groups >= 64 * threads ? K->one_token_chunk : 4;
+    const int64_t chunks = (L->groups + per_chunk - 1) / per_chunk;
+    int64_t i0, i1;
+    thread_share(L->cols, &i0, &i1);
+    K->build_tables(L, x, batch, tables, table_size, i0, i1);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t g0 = per_chunk * c, g1 = g0 + per_chunk < L->groups ? g0 + per_chunk : L->groups;
+        K->gemv(L, tables, table_size, batch, y, g0, g1);
+        const int64_t r1 = g1 * GROUP < L->rows ? g1 * GROUP : L->rows;
+        add_outliers_and_bias(L, x, batch, y, g0 * GROUP, r1);
+    }
+}
+
+/* Groups [a, b) of a layer dequantized into out (stored column i at out[i * ld + r - rbase]) with its outliers
+ * written in place: one thread's part of a tile (cmpq_dequant_tile, the engine's prefill strips). */
+void dequant_groups(const cmpq_kernels_t *K, const layer_t *L, const cmpq_layer_t *src, void *out, int64_t ld,
+                    int64_t rbase, int bf16, int64_t a, int64_t b) {
+    if (a >= b) return;
+    K->dequant(L, out, ld, rbase, bf16, a, b);
+    const int64_t r1 = b * GROUP < L->rows ? b * GROUP : L->rows;
+    for (int64_t r = a * GROUP; r < r1; ++r)
+        for (int32_t k = src->orow[r]; k < src->orow[r + 1]; ++k)
+            put(out, bf16, src->opos[k] * ld + r - rbase, src->ovalue[k]);
+}
+
 /* y (batch, rows) = x (batch, cols) W^T (+ bias, or NULL); tables: scratch of batch * layer->table_size floats
  * (+16 padding), column i's table at table_offset[i] (max(16, 2^w_i) floats; table_size at least their sum).
  * Returns 0, -1 for an unsupported isa / batch or a too small table_size, -2 when out of memory. */
@@ -146,7 +185,7 @@ int cmpq_lut_gemv(const cmpq_layer_t *layer, const float *x, int64_t batch, floa
                   const float *bias, int isa, int nthreads) {
     const cmpq_kernels_t *K = kernels_for(isa);
     if (!K || !layer || batch < 1 || batch > MAX_BATCH) return -1;
-    const int64_t rows = layer->rows, cols = layer->cols, table_size = layer->table_size;
+    const int64_t cols = layer->cols, table_size = layer->table_size;
     if (cols > 0 && layer->table_offset[cols - 1] + table_slots(layer->widths[cols - 1]) > table_size) return -1;
     layer_t L;
     make_layer(&L, layer, bias);
@@ -154,25 +193,8 @@ int cmpq_lut_gemv(const cmpq_layer_t *layer, const float *x, int64_t batch, floa
     if (L.repeat) L.toff = layer->table_offset;
     if (find_runs(&L) != 0) return -2;
     const int threads = threads_for(nthreads);
-    /* chunks of groups: the ISA's one-token chunk when there are at least 8 groups per thread for it (fewer would
-     * leave the threads unbalanced), else 4 */
-    const int64_t per_chunk = batch == 1 && L.groups >= 64 * threads ? K->one_token_chunk : 4;
-    const int64_t chunks = (L.groups + per_chunk - 1) / per_chunk;
 #pragma omp parallel num_threads(threads)
-    {
-        /* each thread builds the tables of its share of the columns (built by one, the others waited) */
-        int64_t i0, i1;
-        thread_share(cols, &i0, &i1);
-        K->build_tables(&L, x, batch, tables, table_size, i0, i1);
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int64_t g0 = per_chunk * c, g1 = g0 + per_chunk < L.groups ? g0 + per_chunk : L.groups;
-            K->gemv(&L, tables, table_size, batch, y, g0, g1);
-            const int64_t r1 = g1 * GROUP < rows ? g1 * GROUP : rows;
-            add_outliers_and_bias(&L, x, batch, y, g0 * GROUP, r1);
-        }
-    }
+    lut_gemv_team(K, &L, x, batch, y, tables, table_size);
     free(L.run);
     return 0;
 }
@@ -189,9 +211,6 @@ int cmpq_dequant_tile(const cmpq_layer_t *layer, void *out, int64_t ld, int64_t 
     make_layer(&L, layer, NULL);
     if (!K || g0 < 0 || g1 > L.groups || g0 >= g1 || ld < (g1 - g0) * GROUP) return -1;
     if (find_runs(&L) != 0) return -2;
-    const int64_t rows = layer->rows;
-    const int32_t *orow = layer->orow, *opos = layer->opos;
-    const float *ovalue = layer->ovalue;
     const int threads = threads_for(nthreads);
     (void)threads;  /* only read by OpenMP */
     const int64_t rbase = g0 * GROUP;
@@ -200,14 +219,7 @@ int cmpq_dequant_tile(const cmpq_layer_t *layer, void *out, int64_t ld, int64_t 
         /* contiguous runs of groups per thread: the column-outer loops write long runs of each output row */
         int64_t a, b;
         thread_share(g1 - g0, &a, &b);
-        a += g0;
-        b += g0;
-        if (a < b) {
-            K->dequant(&L, out, ld, rbase, bf16, a, b);
-            const int64_t r1 = b * GROUP < rows ? b * GROUP : rows;
-            for (int64_t r = a * GROUP; r < r1; ++r)
-                for (int32_t k = orow[r]; k < orow[r + 1]; ++k) put(out, bf16, opos[k] * ld + r - rbase, ovalue[k]);
-        }
+        dequant_groups(K, &L, layer, out, ld, rbase, bf16, a + g0, b + g0);
     }
     free(L.run);
     return 0;

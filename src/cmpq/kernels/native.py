@@ -5,10 +5,10 @@ once, and quantized layers use the PyTorch reference path. The kernels take each
 `cmpq_layer_t` in cmpq_kernels.h, mirrored here by `CMPQLayer`; `library()` checks that both have the same layout
 and raises if not (a stale build, or a field changed on one side only). `CMPQ_KERNEL=reference|native|auto`
 forces a path; `CMPQ_ISA=avx512|avx2|portable|auto` forces an instruction set (tests run every one this CPU has).
-One-token calls use int8 look-up tables (a kernel for AVX-512 with VBMI and VNNI, one for AVX2): faster layers,
-each product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what
-they compute). `CMPQ_TABLES=float` (or a layer's `tables = "float"`) keeps the exact float tables; `auto` (the
-default) and `int8` use int8 tables wherever the ISA has a kernel for them (`int8` warns where none does).
+One-token calls can use int8 look-up tables (a kernel for AVX-512 with VBMI and VNNI, one for AVX2): faster
+layers, each product rounded to 8 bits of its block's largest (`int8_reference` is the exact definition of what
+they compute). `CMPQ_TABLES=int8` (or a layer's `tables = "int8"`) chooses them wherever the ISA has a kernel
+(and warns where none does); `float` and `auto` (the default) keep the exact float tables.
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ def table_mode(requested: str | None = None) -> str:
 
 def use_int8_tables(requested: str | None, isa: int) -> int:
     """The int8-table kernel (an ISA code; 0: exact float tables) of a one-token call with ISA code `isa` (-1: the
-    best): under "auto" and "int8" the one that ISA has (none on the portable path; "int8" then warns once),
-    under "float" none."""
+    best): under "int8" the one that ISA has (none on the portable path, which then warns once), under "float"
+    and "auto" none (measured end to end, the int8 tables decoded no faster than the exact ones)."""
     mode = table_mode(requested)
-    if mode == "float":
+    if mode in ("float", "auto"):  # auto: exact tables, the int8 ones measured no faster end to end
         return 0
     kernel = int8_isa(isa)
     if kernel == 0 and mode == "int8":

@@ -90,7 +90,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
             if _is_cmpq_directory(path):
                 from cmpq.packed.model_io import load
 
-                loaded = load(path)
+                loaded = load(path, engine="torch")  # callers that run the engine attach it (cmpq.engine.attach)
                 loaded.spec = spec
                 return loaded
             directory = str(path)

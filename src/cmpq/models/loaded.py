@@ -19,3 +19,4 @@ class LoadedModel:
     arch: ArchSpec
     spec: str          # what the user asked for
     source: str        # the file, directory or hub id it was loaded from
+    engine: object | None = None  # a `cmpq.engine` Engine that runs this model natively, or None (PyTorch)

@@ -132,7 +132,9 @@ class CmpqHfQuantizer(HfQuantizer):
         for name, module in model.named_modules():
             if isinstance(module, QUANTIZED_MODULES):
                 module.validate(where=name)  # raises FormatError on any inconsistency
-        return model
+        from cmpq.engine.hf import route
+
+        return route(model)  # generate's steps through the native engine where it covers the model
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True

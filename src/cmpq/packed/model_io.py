@@ -132,6 +132,7 @@ def save_quantized(loaded: LoadedModel, result: QuantizationResult, quantizer: Q
     try:
         save_file(packed_state(loaded, result), str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = copy.deepcopy(loaded.model.config)
+        config.use_cache = True  # off while quantizing (load_model); generation with the saved model wants it
         config.quantization_config = CmpqHfConfig(
             method=result.method, config=json.loads(json.dumps(config_to_dict(quantizer.config))),
             target_bits=quantizer.target_bits(), bpw=storage.bpw, layers=sorted(result.layers),
@@ -180,9 +181,11 @@ def read_quantization_config(directory: Path) -> dict[str, Any]:
     return quant
 
 
-def load(directory: str | Path, verify: bool = True) -> LoadedModel:
+def load(directory: str | Path, verify: bool = True, engine: str = "native") -> LoadedModel:
     """A model saved by `save_quantized`, with `CMPQLinear` layers, its tokenizer and architecture table.
-    With `verify`, the weights file's SHA-256 is checked first (any corruption is a clear error)."""
+    With `verify`, the weights file's SHA-256 is checked first (any corruption is a clear error). With `engine`
+    "native", `loaded.engine` runs it natively where the engine covers it (`cmpq.engine`; `cmpq.generate.generate`
+    uses it), else None (the PyTorch path); "torch" leaves it None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -201,8 +204,17 @@ def load(directory: str | Path, verify: bool = True) -> LoadedModel:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").exists() \
         else None
-    return LoadedModel(model=model, tokenizer=tokenizer, arch=find_arch(model), spec=str(directory),
-                       source=str(directory))
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, arch=find_arch(model), spec=str(directory),
+                         source=str(directory))
+    if engine == "torch":
+        route = getattr(model, "_cmpq_route", None)
+        if route is not None:
+            route.enabled = False  # transformers' generate on this model stays on the PyTorch path too
+    else:
+        from cmpq.engine import attach
+
+        attach(loaded, engine, quiet=True)
+    return loaded
 
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "load", "save_quantized"]
