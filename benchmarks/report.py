@@ -239,30 +239,30 @@ def table_kernels() -> str:
     return "\n\n".join(out) + "\n" if out else "No kernel records yet: run `python benchmarks/speed.py`.\n"
 
 
-def table_decode() -> str:
-    """End-to-end decode tokens/s of the packed models against the float model, per machine."""
+def table_vs_llamacpp() -> str:
+    """Prefill and decode tokens/s of the native engine against llama.cpp, per machine, both thread counts."""
     out = []
     for folder in speed_folders():
-        records = _load(folder / "decode.jsonl")
+        records = _load(folder / "vs_llamacpp.jsonl")
         if not records:
             continue
-        files = {r["model"]: r for r in _load(folder / "files.jsonl")}
-        lines = ["| model | blocks bpw | head bpw | look-up tables | model.safetensors bytes | tokens/s | x float32 |",
-                 "|---|---|---|---|---|---|---|"]
-        for r in records:
-            name = Path(str(r["model"]).split(":")[0]).name
-            size = files.get(name, {}).get("file_bytes")
-            quantized = r.get("bpw") is not None
-            lines.append(f"| {name} | {_fmt(r.get('bpw'), 3)} | "
-                         f"{_fmt(r.get('head_bpw'), 3) if r.get('head_bpw') else ('float' if quantized else '-')} | "
-                         f"{r.get('tables') if quantized else '-'} | {f'{size:,}' if size else '-'} | "
-                         f"{r['tokens_per_second']:.1f} | {r['speedup']:.2f} |")
+        lines = ["| system | model | threads | pp512 tok/s | x Q4_0 | tg128 tok/s | x Q4_0 | x F32 | MB read / token "
+                 "| share of copy bandwidth |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(records, key=lambda r: (-r["threads"], r["system"] != "llama.cpp")):
+            lines.append(f"| {r['system']} | {r['model']} | {r['threads']} | {r['pp512']:.0f} | "
+                         f"{_fmt(r.get('pp512_vs_Q4_0'))} | {r['tg128']:.1f} | {_fmt(r.get('tg128_vs_Q4_0'))} | "
+                         f"{_fmt(r.get('tg128_vs_F32'))} | {r['bytes_per_token'] / 1e6:.1f} | "
+                         f"{r['bandwidth_share']:.2f} |")
         first = records[0]
-        out.append(f"**{folder.name}**\n\n" + "\n".join(lines) + f"\n\nGreedy decoding of {first['new_tokens']} "
-                   f"tokens after a {first['prompt_tokens']}-token prompt through transformers' generation loop with a "
-                   f"static KV cache; the models alternate round by round; medians over {first['rounds']} rounds. "
-                   + provenance(records, "python benchmarks/speed.py"))
-    return "\n\n".join(out) + "\n" if out else "No decode records yet: run `python benchmarks/speed.py`.\n"
+        out.append(f"**{folder.name}**\n\n" + "\n".join(lines) + f"\n\npp{first['prompt_tokens']}: one prompt of "
+                   f"{first['prompt_tokens']} tokens; tg{first['new_tokens']}: {first['new_tokens']} tokens decoded one "
+                   "at a time from an empty cache (as `llama-bench -p 512 -n 128`). cmpq models: 2.5 / 3 / 4 honest "
+                   "bpw in the blocks, float head or head at 6 bits (head6). llama.cpp and cmpq alternate in "
+                   f"{first['rounds']} rounds; tokens/s are medians, ratios medians of per-round ratios. MB read / "
+                   "token: weight bytes one decoded token reads; share of copy bandwidth: those bytes per second of "
+                   "decoding over the bytes per second (read + written) of a 256 MB copy in the same run. "
+                   + provenance(records, "python benchmarks/vs_llamacpp.py"))
+    return "\n\n".join(out) + "\n" if out else "No records yet: run `python benchmarks/vs_llamacpp.py`.\n"
 
 
 def table_cli() -> str:
@@ -289,7 +289,8 @@ def table_cli() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "headline": table_headline, "methods": table_methods, "llamacpp": table_llamacpp,
-    "ablations": table_ablations, "kernels": table_kernels, "decode": table_decode, "cli": table_cli,
+    "ablations": table_ablations, "kernels": table_kernels, "vs_llamacpp": table_vs_llamacpp,
+    "cli": table_cli,
 }
 PLOTS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any], Path], None], str]] = {
     "quality": (plot_quality, draw_quality, "Perplexity against honest bits per weight on smollm2-135m"),

@@ -25,7 +25,9 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 MODELS = CHECKOUT / "runs" / "speed"
 # name -> extra `cmpq quantize` options (quick calibration, CMPQ's best setting)
 VARIANTS = {"cmpq-2.5": ["--bits", "2.5"], "cmpq-3": ["--bits", "3"], "cmpq-4": ["--bits", "4"],
-            "cmpq-3-head6": ["--bits", "3", "--quantize-head", "6"]}
+            "cmpq-3-head6": ["--bits", "3", "--quantize-head", "6"],
+            "cmpq-2.5-head6": ["--bits", "2.5", "--quantize-head", "6"],
+            "cmpq-4-head6": ["--bits", "4", "--quantize-head", "6"]}
 
 
 def cmpq(*args: str) -> None:
