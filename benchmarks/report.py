@@ -289,7 +289,7 @@ def table_cli() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "headline": table_headline, "methods": table_methods, "llamacpp": table_llamacpp,
-    "ablations": table_ablations, "kernels": table_kernels, "vs_llamacpp": table_vs_llamacpp,
+    "ablations": table_ablations, "kernels": table_kernels, "vs-llamacpp": table_vs_llamacpp,
     "cli": table_cli,
 }
 PLOTS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any], Path], None], str]] = {
