@@ -32,7 +32,7 @@ from speed import VARIANTS, ensure_models  # noqa: E402
 from store import machine_slug, publish  # noqa: E402
 
 TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q2_K")
-MODELS = ("float", "cmpq-2.5", "cmpq-2.5-head6", "cmpq-3", "cmpq-3-head6", "cmpq-4", "cmpq-4-head6")
+MODELS = ("float", "cmpq-2.5-head6", "cmpq-3", "cmpq-3-head6", "cmpq-4-head6")
 PROMPT, NEW = 512, 128
 
 
@@ -55,23 +55,24 @@ def _timed(fn) -> float:
 
 def weight_bytes(model) -> int:
     """Bytes of weights the engine reads per decoded token: every block linear and the head as the kernels read
-    them (packed codes, float codebooks and table offsets, outliers; float32 matrices), the norms, one embedding
-    row."""
+    them (packed codes, float codebooks and table offsets, outliers; float32 matrices), the two norms of every
+    block and the final norm (float32), one embedding row."""
+    from cmpq.engine.native import BLOCK_LINEARS
     from cmpq.formats.cmpq import CMPQLinear
 
-    total = 0
-    linears = [m for name, m in model.named_modules() if name.startswith("model.layers") or name == "lm_head"]
-    for module in linears:
+    def linear_bytes(module) -> int:
         if isinstance(module, CMPQLinear):
             prepared = module._native or module.prepare_native()
-            total += sum(t.numel() * t.element_size() for t in (prepared.codes, prepared.order, prepared.widths,
-                         prepared.codebooks, prepared.cb_offset, prepared.table_offset, prepared.orow,
-                         prepared.ocol, prepared.odelta))
-        elif isinstance(module, torch.nn.Linear):
-            total += module.weight.numel() * 4
-        elif isinstance(module, torch.nn.Module) and hasattr(module, "variance_epsilon"):
-            total += module.weight.numel() * 4
-    return total + model.config.hidden_size * 4
+            return sum(t.numel() * t.element_size() for t in (prepared.codes, prepared.order, prepared.widths,
+                       prepared.codebooks, prepared.cb_offset, prepared.table_offset, prepared.orow,
+                       prepared.ocol, prepared.odelta))
+        return module.weight.numel() * 4
+
+    total = linear_bytes(model.lm_head) + model.model.norm.weight.numel() * 4 + model.config.hidden_size * 4
+    for layer in model.model.layers:
+        total += sum(linear_bytes(layer.get_submodule(name)) for name in BLOCK_LINEARS)
+        total += (layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()) * 4
+    return total
 
 
 def engine_round(engine, threads: int, prompt: torch.Tensor) -> tuple[float, float]:

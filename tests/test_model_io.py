@@ -148,8 +148,13 @@ def test_cli_saves_and_generates(quantized, tmp_path, capsys, monkeypatch):
     source = save_tiny(tmp_path / "tiny", "llama")
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(source), "--bits", "2.5", "--nsamples", "4", "--seqlen", "32",
-                 "--eval", "none", "--out", str(out), "--no-progress"]) == 0
-    assert "saved to" in capsys.readouterr().out
+                 "--eval", "none", "--out", str(out), "--no-progress", "--json", str(tmp_path / "r.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    assert "saved to" in printed and "time by stage" in printed
+    stages = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])["stages"]
+    for name in ("load model", "calibration forwards", "statistics", "gradient pass", "width allocation",
+                 "k-means, 2 bits", "error feedback", "outliers", "distillation", "save"):
+        assert stages[name] > 0, name
     calibration = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]
     assert calibration["source"] == "c4" and (calibration["nsamples"], calibration["seqlen"]) == (4, 32)
     assert main(["quantize", "--model", str(source), "--bits", "2.5", "--out", str(out), "--no-progress"]) == 2

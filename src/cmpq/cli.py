@@ -68,7 +68,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "all windows (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE",
                         help="append the result as one JSON line (PROTOCOL's benchmark record) to FILE")
-    parser.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_positive_int,
+                        help="exactly this many threads (default: the cores that other processes leave free, "
+                             "followed as the load changes)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "token: float = exact (auto is float); int8 = each table entry rounded to 8 bits of its "
                         "block's largest where the CPU has AVX2 or AVX-512 (docs/kernels.md) (default: "
                         "$CMPQ_TABLES, else auto)")
-    g.add_argument("--threads", type=_positive_int, help="threads of the engine and torch (default: torch's choice)")
+    g.add_argument("--threads", type=_positive_int, help="threads of the engine and torch (default: the free cores)")
     b = sub.add_parser("bench", help="speed benchmarks: kernels (vs torch F.linear) or decode (tokens/s)",
                        description="Speed benchmarks (PROTOCOL's Speed): ratios measured side by side in one run, "
                                    "medians of repeats; results as JSON lines + Markdown in --out.")
@@ -286,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=_int_list, default=(1, 4, 16, 128), metavar="N1,N2,...",
                    help="token batch sizes (default: 1,4,16,128)")
     b.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per cell (default: %(default)s)")
-    b.add_argument("--threads", type=_positive_int, help="torch and kernel threads (default: torch's choice)")
+    b.add_argument("--threads", type=_positive_int, help="torch and kernel threads (default: the free cores)")
     _engine_argument(b)
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c = sub.add_parser("compare", help="run methods x bit targets side by side: table + plot",
@@ -384,6 +386,10 @@ def _print_summary(record: dict[str, Any]) -> None:
                 shown = {k: v for k, v in r.items() if k not in ("items", "seconds", "shots")}
                 print(f"  {name} ({r['items']} items, {r['seconds']:.0f} s): "
                       + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    if record.get("stages"):
+        from cmpq.progress import stage_table
+
+        print(stage_table(record["stages"]))
     print(f"peak RSS {record['peak_rss_mb']:.0f} MB, threads {record['threads']}")
 
 

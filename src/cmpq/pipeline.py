@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from cmpq.calibration.capture import capture_block_inputs, run_block
 from cmpq.calibration.gradients import gradient_statistics
@@ -22,6 +21,9 @@ from cmpq.errors import CmpqError, ConfigError
 from cmpq.formats.base import BitBreakdown, QuantizedWeight
 from cmpq.head import quantize_head
 from cmpq.models.arch import ArchSpec
+from cmpq.progress import bar as progress_bar
+from cmpq.progress import stage
+from cmpq.threads import adapt
 from cmpq.quantizers.base import Quantizer
 from cmpq.training.finetune import FinetuneConfig, enabled, finetune_block
 
@@ -107,8 +109,10 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
         target = torch.empty_like(hidden) if tune else None  # what each fine-tuned block's outputs should match
         float_hidden = hidden.clone() if tune and finetune.target == "model" else None  # the float model's states
     try:
-        bar = tqdm(range(len(blocks)), desc=f"quantize [{quantizer.name}]", unit="block", disable=not progress)
+        bar = progress_bar(range(len(blocks)), desc=f"quantize [{quantizer.name}]", unit="block",
+                           disable=not progress)
         for index in bar:
+            adapt()
             block = blocks[index]
             linears = arch.block_linears(block)
             groups = arch.groups if true_sequential else (arch.linear_names,)
@@ -127,7 +131,8 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                     layer_stats = stats.get(name, LayerStats())
                     layer_stats.values.update(gradients.pop(full_name, {}))
                     try:
-                        qw = quantizer.quantize(linear.weight.data, layer_stats, full_name)
+                        with stage("quantize layers"):
+                            qw = quantizer.quantize(linear.weight.data, layer_stats, full_name)
                     except CmpqError as exc:  # say which layer: targets can be unreachable for one shape only
                         raise type(exc)(f"{full_name} {tuple(linear.weight.shape)}: {exc}") from exc
                     with torch.no_grad():
@@ -148,7 +153,9 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                 hidden, spare = spare, hidden
         bar.close()
         if head is not None:
-            name, qw = quantize_head(model, arch.final_modules(model), head, hidden if head_needs else None, dtype)
+            with stage("head"):
+                name, qw = quantize_head(model, arch.final_modules(model), head, hidden if head_needs else None,
+                                         dtype)
             result.layers[name], result.head = qw, name
     except BaseException:
         result.remove_hooks()  # a failed run leaves no activation quantizers on the model
@@ -163,7 +170,8 @@ def _finetune(block: nn.Module, linears: dict[str, nn.Linear], index: int, prefi
     and put the kept ones in the model and `result`."""
     layers = {name: result.layers[prefix + name] for name in linears}
     bar.set_postfix_str("fine-tune")
-    kept, before, after, improved = finetune_block(block, layers, inputs, hidden, target, config, seed=index)
+    with stage("fine-tuning"):
+        kept, before, after, improved = finetune_block(block, layers, inputs, hidden, target, config, seed=index)
     result.finetune.append({"block": index, "error_before": before, "error_after": after, "kept": improved})
     for name, qw in kept.items():
         result.layers[prefix + name] = qw
@@ -197,17 +205,23 @@ def _measure_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
         for index, block in enumerate(blocks):
             for name, linear in arch.block_linears(block).items():
                 full_name = f"{arch.blocks_path}.{index}.{name}"
-                quantizer.measure(full_name, linear.weight.data, LayerStats(values=dict(take(full_name, {}))))
-        quantizer.plan()
+                with stage("measure layers"):
+                    quantizer.measure(full_name, linear.weight.data, LayerStats(values=dict(take(full_name, {}))))
+        with stage("width allocation"):
+            quantizer.plan()
         return
     inputs = capture_block_inputs(model, blocks[0], windows, dtype)
     hidden, spare = inputs.hidden, torch.empty_like(inputs.hidden)
-    for index in tqdm(range(len(blocks)), desc=f"measure [{quantizer.name}]", unit="block", disable=not progress):
+    for index in progress_bar(range(len(blocks)), desc=f"measure [{quantizer.name}]", unit="block",
+                              disable=not progress):
+        adapt()
         linears = arch.block_linears(blocks[index])
         stats = _gather(blocks[index], linears, needs, inputs, hidden, out=spare)
         for name, linear in linears.items():
             full_name = f"{arch.blocks_path}.{index}.{name}"
             stats[name].values.update(take(full_name, {}))
-            quantizer.measure(full_name, linear.weight.data, stats[name])
+            with stage("measure layers"):
+                quantizer.measure(full_name, linear.weight.data, stats[name])
         hidden, spare = spare, hidden
-    quantizer.plan()
+    with stage("width allocation"):
+        quantizer.plan()

@@ -7,6 +7,7 @@ dict) so that the CLI, benchmarks and tests share one code path.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from cmpq.eval.records import environment, peak_rss_mb, unquantized_storage
 from cmpq.head import describe_head
 from cmpq.models.loaded import LoadedModel
 from cmpq.pipeline import QuantizationResult, quantize_model
+from cmpq.progress import profiling, stage
 from cmpq.quantizers import Quantizer, get_quantizer
 from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW
 from cmpq.training import distill as distillation
@@ -41,10 +43,12 @@ def check_context(loaded: LoadedModel, seqlen: int, what: str) -> None:
 
 def evaluate(loaded: LoadedModel, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Perplexity on every dataset of `config`: {dataset: {ppl, windows, tokens, ...}}."""
-    if config.datasets:
-        check_context(loaded, config.seqlen, "eval.seqlen")
-    return {name: perplexity(loaded.model, loaded.tokenizer, name, config, progress).as_dict()
-            for name in config.datasets}
+    if not config.datasets:
+        return {}
+    check_context(loaded, config.seqlen, "eval.seqlen")
+    with stage("evaluation"):
+        return {name: perplexity(loaded.model, loaded.tokenizer, name, config, progress).as_dict()
+                for name in config.datasets}
 
 
 @dataclass
@@ -114,22 +118,34 @@ class QuantizeJob:
 
 
 def run_quantize(job: QuantizeJob) -> dict[str, Any]:
-    """Run `job` end to end: quantize, evaluate, save and record; returns the record (the CLI prints it)."""
+    """Run `job` end to end: quantize, evaluate, save and record; returns the record (the CLI prints it). The
+    record's `stages` holds the seconds of every stage of the run (`cmpq.progress`)."""
     from cmpq.eval.records import append_record
     from cmpq.models.load import load_model
     from cmpq.packed.model_io import WEIGHTS, save_quantized
 
     quantizer, head, distill = job.check()
-    loaded = load_model(job.model)
-    reference = kld_reference(loaded, job.kld, progress=job.progress) if job.kld else None  # while still float
-    result, calib_info = quantize(loaded, quantizer, job.calib, true_sequential=job.true_sequential,
-                                  progress=job.progress, head=head, finetune=job.finetune, distill=distill)
-    ppl = evaluate(loaded, job.eval, job.progress)
+    with profiling() as profile:
+        with stage("load model"):
+            loaded = load_model(job.model)
+        reference = None
+        if job.kld:
+            with stage("KL divergence reference"):  # while the model is still float
+                reference = kld_reference(loaded, job.kld, progress=job.progress)
+        result, calib_info = quantize(loaded, quantizer, job.calib, true_sequential=job.true_sequential,
+                                      progress=job.progress, head=head, finetune=job.finetune, distill=distill)
+        ppl = evaluate(loaded, job.eval, job.progress)
+        with stage("tasks and KL divergence") if job.tasks or reference else contextlib.nullcontext():
+            extra = extra_evaluations(loaded, job.tasks, reference, job.progress)
+        if job.out:
+            with stage("save"):
+                directory = save_quantized(loaded, result, quantizer, Path(job.out), overwrite=job.overwrite,
+                                           head=head)
     record = quantization_record(loaded, quantizer, result, calib_info, ppl, job.eval.protocol if ppl else None,
                                  head)
-    record.update(extra_evaluations(loaded, job.tasks, reference, job.progress))
+    record.update(extra)
+    record["stages"] = profile.as_dict()
     if job.out:
-        directory = save_quantized(loaded, result, quantizer, Path(job.out), overwrite=job.overwrite, head=head)
         record["file_bytes"] = (directory / WEIGHTS).stat().st_size
         record["saved_to"] = str(directory)
         print(f"saved to {directory} ({record['file_bytes']:,} bytes in {WEIGHTS})")
@@ -152,13 +168,17 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, *, t
     distilling = distillation.enabled(distill)
     if quantizer.calibration_needs() or (head is not None and head.needs()) or tune or distilling:
         check_context(loaded, calib.seqlen, "calib.seqlen")
-        windows, source = calibration_windows(loaded.tokenizer, calib)
+        with stage("calibration data"):
+            windows, source = calibration_windows(loaded.tokenizer, calib)
         calib_info = {"used": True, **config_to_dict(calib), "resolved_source": source,
                       "resolved_dtype": str(resolve_dtype(calib.dtype)).removeprefix("torch.")}
     dtype = resolve_dtype(calib.dtype)
     start = time.perf_counter()
     distill_windows = distill.windows(windows) if distilling else None
-    teacher = distillation.teacher_topk(loaded.model, distill_windows, distill.topk, dtype, progress) if distilling else None
+    teacher = None
+    if distilling:
+        with stage("distillation teacher"):
+            teacher = distillation.teacher_topk(loaded.model, distill_windows, distill.topk, dtype, progress)
     teacher_seconds = time.perf_counter() - start
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
                             progress=progress, dtype=dtype, head=head, finetune=finetune)
@@ -169,8 +189,9 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, *, t
     if distilling:
         start = time.perf_counter()
         blocks = {name: qw for name, qw in result.layers.items() if name != result.head}
-        kept, record = distillation.distill_model(loaded.model, blocks, distill_windows, teacher, distill, dtype,
-                                                  seed=calib.seed, progress=progress)
+        with stage("distillation"):
+            kept, record = distillation.distill_model(loaded.model, blocks, distill_windows, teacher, distill, dtype,
+                                                      seed=calib.seed, progress=progress)
         result.layers.update(kept)
         result.distill = {**config_to_dict(distill), **record}
         result.seconds += teacher_seconds + time.perf_counter() - start
@@ -287,5 +308,8 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
 
 
 def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+    """`--threads N`: exactly N threads; without it, as many as the cores other processes leave free
+    (`cmpq.threads`)."""
+    from cmpq import threads as thread_count
+
+    thread_count.configure(threads)

@@ -172,7 +172,7 @@ def run(out_dir, shapes: list[tuple[int, int]], bits: tuple[float, ...], batches
     import json
     from pathlib import Path
 
-    from tqdm.auto import tqdm
+    from cmpq.progress import bar
 
     from cmpq.eval.records import environment
 
@@ -182,7 +182,7 @@ def run(out_dir, shapes: list[tuple[int, int]], bits: tuple[float, ...], batches
     isa = native.supported_isas()[-1] if code < 0 else next(n for n, c in native.ISAS.items() if c == code)
     env = environment()
     records, reference = [], CopyReference()
-    for shape in tqdm(shapes, desc="bench kernels", unit="shape", disable=not progress):
+    for shape in bar(shapes, desc="bench kernels", unit="shape", disable=not progress):
         for b in bits:
             for result in measure(shape, b, batches, repeats, reference):
                 records.append({"benchmark": "kernels", **result.as_dict(), "isa": isa, **env})

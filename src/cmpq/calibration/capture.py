@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from cmpq.calibration.precision import compute_context
 from cmpq.errors import UnsupportedArchitectureError
+from cmpq.progress import stage
+from cmpq.threads import adapt
 
 
 class StopBlock(Exception):
@@ -51,8 +53,9 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
 
     handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        with torch.no_grad(), compute_context(dtype):
+        with torch.no_grad(), compute_context(dtype), stage("calibration forwards"):
             for index in range(windows.shape[0]):
+                adapt()
                 try:
                     model(windows[index:index + 1], use_cache=False)
                 except StopBlock:
@@ -70,8 +73,9 @@ def run_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor, out: 
     """Run `block` on each window of `hidden` (nsamples, seqlen, hidden), writing results into `out` if given
     and calling `after_each()` after every window (statistics flush). Without `out`, a hook may end each
     window's forward early by raising `StopBlock`."""
-    with torch.no_grad(), compute_context(inputs.dtype):
+    with torch.no_grad(), compute_context(inputs.dtype), stage("calibration forwards"):
         for i in range(hidden.shape[0]):
+            adapt()
             try:
                 result = block(hidden[i:i + 1], *inputs.args, **inputs.kwargs)
             except StopBlock:

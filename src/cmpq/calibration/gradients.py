@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from cmpq.calibration.precision import compute_context
 from cmpq.calibration.stats import GRADIENT_STATISTICS
+from cmpq.progress import bar, stage
+from cmpq.threads import adapt
 
 
 def gradient_statistics(model: nn.Module, linears: dict[str, nn.Linear], windows: torch.Tensor,
@@ -34,25 +35,33 @@ def gradient_statistics(model: nn.Module, linears: dict[str, nn.Linear], windows
     sums = {name: {stat: torch.zeros_like(linear.weight, dtype=torch.float32) for stat in needs}
             for name, linear in linears.items()}
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for linear in linears.values():
-            linear.weight.requires_grad_(True)
-        for index in tqdm(range(windows.shape[0]), desc="gradients", unit="window", disable=not progress):
-            window = windows[index:index + 1]
-            with torch.enable_grad():  # library callers often quantize under torch.no_grad()
-                with compute_context(dtype):
-                    loss = model(window, labels=window, use_cache=False).loss
-                loss.backward()
-            for name, linear in linears.items():
-                grad = linear.weight.grad.float()
-                if "grad_sum" in needs:
-                    sums[name]["grad_sum"] += grad
-                if "grad_sq_sum" in needs:
-                    sums[name]["grad_sq_sum"].addcmul_(grad, grad)
-                linear.weight.grad = None
+        with stage("gradient pass"):
+            _accumulate(model, linears, windows, needs, dtype, progress, sums)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
             p.grad = None
     return sums
+
+
+def _accumulate(model: nn.Module, linears: dict[str, nn.Linear], windows: torch.Tensor, needs: frozenset[str],
+                dtype: torch.dtype, progress: bool, sums: dict[str, dict[str, torch.Tensor]]) -> None:
+    """One backward pass per window, the gradients of `linears` added into `sums`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for linear in linears.values():
+        linear.weight.requires_grad_(True)
+    for index in bar(range(windows.shape[0]), desc="gradients", unit="window", disable=not progress):
+        adapt()
+        window = windows[index:index + 1]
+        with torch.enable_grad():  # library callers often quantize under torch.no_grad()
+            with compute_context(dtype):
+                loss = model(window, labels=window, use_cache=False).loss
+            loss.backward()
+        for name, linear in linears.items():
+            grad = linear.weight.grad.float()
+            if "grad_sum" in needs:
+                sums[name]["grad_sum"] += grad
+            if "grad_sq_sum" in needs:
+                sums[name]["grad_sq_sum"].addcmul_(grad, grad)
+            linear.weight.grad = None

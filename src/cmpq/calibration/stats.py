@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from cmpq.calibration.capture import StopBlock
+from cmpq.progress import stage
 
 
 def gram(x: torch.Tensor, parts: int = 3) -> torch.Tensor:
@@ -95,7 +96,7 @@ class StatsRecorder:
         return hook
 
     def flush(self) -> None:
-        with torch.autocast("cpu", enabled=False):  # statistics in float32 even inside a bfloat16 forward
+        with torch.autocast("cpu", enabled=False), stage("statistics"):  # float32 even in a bfloat16 forward
             self._flush()
 
     def _flush(self) -> None:

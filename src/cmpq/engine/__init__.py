@@ -38,11 +38,11 @@ def unsupported(model: nn.Module) -> str | None:
     rope_type = getattr(rotary, "rope_type", "default")
     if rotary is None or rope_type not in ROPE_TYPES:
         return f"the native engine does not run '{rope_type}' rotary embeddings"
-    from cmpq.engine.native import BLOCK_LINEARS, _submodule
+    from cmpq.engine.native import BLOCK_LINEARS
 
     for i, layer in enumerate(model.model.layers):
         for name in BLOCK_LINEARS:
-            module = _submodule(layer, name)
+            module = layer.get_submodule(name)
             if not isinstance(module, (CMPQLinear, nn.Linear)):
                 return f"the native engine runs CMPQ and float layers, not {type(module).__name__} (block {i} {name})"
     if not isinstance(model.lm_head, (CMPQLinear, nn.Linear)):

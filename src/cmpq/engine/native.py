@@ -100,12 +100,6 @@ def _linear(module: nn.Module, holder: _Holder) -> Linear:
                   weight=holder.float32(module.weight), bias=holder.float32(module.bias))
 
 
-def _submodule(root: nn.Module, path: str) -> nn.Module:
-    for attr in path.split("."):
-        root = getattr(root, attr)
-    return root
-
-
 def sliding_windows(config) -> list[int]:
     """Per block, the attention window (0: full causal): Qwen2-style `layer_types`, else Mistral's model-wide
     `sliding_window`."""
@@ -131,7 +125,7 @@ class Engine:
         windows = sliding_windows(config)
         blocks = (Block * len(layers))()
         for i, layer in enumerate(layers):
-            parts = [_linear(_submodule(layer, name), holder) for name in BLOCK_LINEARS]
+            parts = [_linear(layer.get_submodule(name), holder) for name in BLOCK_LINEARS]
             blocks[i] = Block(*parts, attn_norm=holder.float32(layer.input_layernorm.weight),
                               mlp_norm=holder.float32(layer.post_attention_layernorm.weight),
                               sliding_window=windows[i])

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from cmpq.errors import CmpqError, ConfigError
+from cmpq.progress import bar as progress_bar
 
 # task -> the built-in YAML (relative to lm_eval/tasks) whose prompts and metrics are used
 BUILTIN_YAML = {
@@ -190,7 +190,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, config: TaskConfig, progress: bo
     the choices and the model's log-likelihood of each (to check the prompts against the built-in tasks)."""
     lm = wrap_model(model, tokenizer, config.batch_size)
     out: dict[str, Any] = {"protocol": config.label()}
-    bar = tqdm(config.tasks, desc="tasks", unit="task", disable=not progress)
+    bar = progress_bar(config.tasks, desc="tasks", unit="task", disable=not progress)
     for task in bar:
         bar.set_postfix_str(task)
         start = time.perf_counter()

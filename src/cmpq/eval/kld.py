@@ -32,12 +32,12 @@ from typing import BinaryIO, Callable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from cmpq.atomic import atomic_write
 from cmpq.config import check
 from cmpq.data.sampling import eval_token_ids
 from cmpq.errors import CmpqError, FormatError
+from cmpq.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _write_reference(handle: BinaryIO, model: nn.Module, windows: torch.Tensor, 
     top1: list[torch.Tensor] = []
     metadata: dict[str, str] = {}
     with torch.no_grad():
-        for w in tqdm(range(n), desc=f"kld reference {config.dataset}", unit="window", disable=not progress):
+        for w in bar(range(n), desc=f"kld reference {config.dataset}", unit="window", disable=not progress):
             logits = _logits(model, windows[w])
             if w == 0:
                 metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": model_id,
@@ -343,7 +343,7 @@ def kl_divergence(model: nn.Module, reference: Reference, progress: bool = True)
     with _open(reference.path) as handle, torch.no_grad():
         stored = _read(reference.path, lambda: handle.get_slice("logprobs"))
         top1 = _read(reference.path, lambda: handle.get_tensor("top1"))
-        for w in tqdm(range(reference.windows), desc=f"kld {reference.config.dataset}", unit="window",
+        for w in bar(range(reference.windows), desc=f"kld {reference.config.dataset}", unit="window",
                       disable=not progress):
             window = reference.token_ids[w]
             logits = _logits(model, window)

@@ -10,11 +10,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from cmpq.config import EvalConfig
 from cmpq.data.sampling import eval_token_ids
 from cmpq.errors import CmpqError
+from cmpq.progress import bar
+from cmpq.threads import adapt
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ def window_nll(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
         raise CmpqError(f"text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     total = 0.0
     with torch.no_grad():
-        for w in tqdm(range(windows), desc=desc, unit="window", disable=not progress):
+        for w in bar(range(windows), desc=desc, unit="window", disable=not progress):
+            adapt()
             x = ids[:, w * seqlen:(w + 1) * seqlen]
             logits = model(x, use_cache=False).logits[0, :-1].float()
             total += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()

@@ -34,7 +34,7 @@ struct cmpq_engine {
     const cmpq_kernels_t *K;
     const dense_kernels_t *D;
     int64_t lut_tokens;              /* packed layers: LUT-GEMV up to this many tokens */
-    int64_t max_cols, max_rows, table_size;
+    int64_t max_cols, table_size;
     int64_t ctx_pad;                 /* context rounded up to KV_BLOCK */
     float *kcache, *vcache;
     /* scratch of CHUNK tokens: residual h, normed xn, q / k / v, attention output, gate and up, linear output y,
@@ -67,7 +67,6 @@ static int prepare_linear(cmpq_engine_t *E, linear_t *out, const cmpq_linear_t *
     memset(&out->one, 0, sizeof(out->one));
     memset(&out->batch, 0, sizeof(out->batch));
     if (src->cols > E->max_cols) E->max_cols = src->cols;
-    if (src->rows > E->max_rows) E->max_rows = src->rows;
     if (src->kind != LINEAR_CMPQ) return ENGINE_OK;
     const cmpq_layer_t *p = src->packed;
     if (p->cols > 0 && p->table_offset[p->cols - 1] + table_slots(p->widths[p->cols - 1]) > p->table_size)

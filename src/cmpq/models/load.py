@@ -7,8 +7,11 @@ seconds; a hub id fails fast when the hub is unreachable instead of hanging on r
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import importlib.metadata
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -109,13 +112,39 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     arch = find_arch(config.model_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        with _quiet_bars():
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
     except Exception as exc:
         raise ModelNotFoundError(f"cannot load the model from '{source}' (missing or corrupt weights?): {exc}") \
             from exc
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, spec=spec, source=source)
+
+
+@contextlib.contextmanager
+def _quiet_bars():
+    """transformers' loading bars off when progress goes to a file (`cmpq.progress.interactive`), as found after."""
+    import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (imported here so that its bar can be silenced)
+    from transformers.utils import logging as hf_logging
+
+    from cmpq.progress import interactive
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    quiet = not interactive()
+    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils")  # its bar is a plain tqdm
+    gguf_bar = getattr(gguf, "tqdm", None)
+    if quiet:
+        hf_logging.disable_progress_bar()
+        if gguf_bar is not None:
+            gguf.tqdm = functools.partial(gguf_bar, disable=True)
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+        if quiet and gguf_bar is not None:
+            gguf.tqdm = gguf_bar
 
 
 def _is_cmpq_directory(path: Path) -> bool:

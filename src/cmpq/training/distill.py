@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from cmpq.calibration.precision import compute_context
 from cmpq.config import check
 from cmpq.formats.base import QuantizedWeight
+from cmpq.progress import bar as progress_bar
+from cmpq.threads import adapt
 from cmpq.training.finetune import StoredValues, rms, tunable
 
 
@@ -100,7 +101,9 @@ def teacher_topk(model: nn.Module, windows: torch.Tensor, topk: int, dtype: torc
     """The model's top-`topk` log-probabilities at every position of `windows` (nsamples, seqlen)."""
     indices, logprobs = [], []
     with torch.no_grad():
-        for i in tqdm(range(windows.shape[0]), desc="distill: teacher", unit="window", disable=not progress):
+        for i in progress_bar(range(windows.shape[0]), desc="distill: teacher", unit="window",
+                              disable=not progress):
+            adapt()
             lp = torch.log_softmax(_logits(model, windows[i], dtype), dim=-1)
             top = lp.topk(min(topk, lp.shape[-1]), dim=-1)
             indices.append(top.indices.int())
@@ -168,7 +171,7 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(groups)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    bar = tqdm(total=config.epochs * len(train), desc="distill", unit="window", disable=not progress)
+    bar = progress_bar(total=config.epochs * len(train), desc="distill", unit="window", disable=not progress)
     try:
         for p in model.parameters():  # gradients flow to the copies only
             p.requires_grad_(False)
@@ -176,6 +179,7 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
             losses = []
             with torch.enable_grad():
                 for i in torch.randperm(len(train), generator=generator).tolist():
+                    adapt()
                     optimizer.zero_grad(set_to_none=True)
                     weights = {n: w.to(dtypes[n]) for n, w in values.weights().items()}
                     loss = sparse_kl(_logits(model, windows[train[i]], dtype, {**weights, **vector_weights()}),

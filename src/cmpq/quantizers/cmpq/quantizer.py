@@ -34,6 +34,7 @@ from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW, Preset, Quantizer, regist
 from cmpq.quantizers.cmpq.allocate import UnreachableTargetError, allocate_greedy, allocate_ranked
 from cmpq.quantizers.cmpq.kmeans import SortedRows, assign, fit
 from cmpq.quantizers.error_feedback import quantize_with_feedback
+from cmpq.progress import stage
 from cmpq.quantizers.outliers import top_k_mask
 
 ALLOCATIONS = ("activation", "error", "magnitude", "random")
@@ -201,13 +202,15 @@ class CMPQ(Quantizer):
             init: str | torch.Tensor = "minmax"
         else:
             init = "best" if start is None else start
-        return self._round_codebooks(fit(rows, 2**width, self.config.kmeans_iters, init=init))
+        with stage(f"k-means, {width} bits"):
+            return self._round_codebooks(fit(rows, 2**width, self.config.kmeans_iters, init=init))
 
     def _prepare(self, weight: torch.Tensor, stats: LayerStats):
         """Channel norms, O_act mask, the columns as rows (in, out), and those rows sorted once (outliers out)."""
         w = weight.float()
         s = stats.col_norm() if "col_sq_sum" in stats.values else torch.ones(w.shape[1])
-        act_mask = top_k_mask(w.abs() * s[None, :], round(self.config.act_outliers * w.numel()))
+        with stage("outliers"):
+            act_mask = top_k_mask(w.abs() * s[None, :], round(self.config.act_outliers * w.numel()))
         values = w.T.contiguous()
         return w, s, act_mask, values, SortedRows(values, ~act_mask.T)
 
@@ -217,8 +220,9 @@ class CMPQ(Quantizer):
     def _measure(self, sorted_cols: SortedRows, s: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Codebooks at every width of the bit set and the weighted errors s_j^2 * SSE_j, (in, n_widths)."""
         fits = {width: self._fit(sorted_cols, width) for width in self.config.bit_set}
-        errors = torch.stack([sorted_cols.sse(fits[b]) for b in self.config.bit_set], dim=1)
-        return fits, errors * s[:, None].double() ** 2
+        with stage("width allocation"):
+            errors = torch.stack([sorted_cols.sse(fits[b]) for b in self.config.bit_set], dim=1)
+            return fits, errors * s[:, None].double() ** 2
 
     def measures_model(self) -> bool:
         return self.config.allocation_scope == "model"
@@ -251,7 +255,8 @@ class CMPQ(Quantizer):
         w, s, act_mask, values, sorted_cols = self._prepare(weight, stats)
         fits, weighted = self._measure(sorted_cols, s)
         if self.config.scope_error == "fisher":
-            weighted = weighted * self._fisher_scale(name, stats, values, act_mask, fits, weighted)
+            with stage("width allocation"):
+                weighted = weighted * self._fisher_scale(name, stats, values, act_mask, fits, weighted)
         elif self.config.scope_error == "relative":
             weighted = weighted / (w.double().square().sum(dim=0) * s.double() ** 2).sum().clamp(min=1e-30)
         rows, columns = weight.shape
@@ -309,14 +314,16 @@ class CMPQ(Quantizer):
             index = self._plan[name]
         elif config.allocation == "error":
             fits, weighted = self._measure(sorted_cols, s)
-            index = self._allocate(lambda budget: allocate_greedy(weighted, cost, budget, tolerance),
-                                   lambda index: weighted.gather(1, index[:, None]).sum().item(),
-                                   rows, columns, n_outliers)
+            with stage("width allocation"):
+                index = self._allocate(lambda budget: allocate_greedy(weighted, cost, budget, tolerance),
+                                       lambda index: weighted.gather(1, index[:, None]).sum().item(),
+                                       rows, columns, n_outliers)
         else:
-            order = self._order(w, s)
-            index = self._allocate(lambda budget: allocate_ranked(order, cost, budget, tolerance),
-                                   lambda index: -cost[index].sum().item(),  # the paper's rule: spend all
-                                   rows, columns, n_outliers)
+            with stage("width allocation"):
+                order = self._order(w, s)
+                index = self._allocate(lambda budget: allocate_ranked(order, cost, budget, tolerance),
+                                       lambda index: -cost[index].sum().item(),  # the paper's rule: spend all
+                                       rows, columns, n_outliers)
         widths = torch.tensor(config.bit_set)[index]
 
         codebooks = torch.zeros(columns, 2 ** max(config.bit_set))
@@ -324,9 +331,10 @@ class CMPQ(Quantizer):
         codes = self._codes(values, widths, codebooks)
         outliers = act_mask
         if n_q:
-            deq = codebooks.gather(1, codes.long()).T
-            error = (w - deq).abs() * s[None, :]
-            q_mask = top_k_mask(error.masked_fill(act_mask, -1.0), n_q)
+            with stage("outliers"):
+                deq = codebooks.gather(1, codes.long()).T
+                error = (w - deq).abs() * s[None, :]
+                q_mask = top_k_mask(error.masked_fill(act_mask, -1.0), n_q)
             outliers = act_mask | q_mask
             refit = q_mask.any(dim=0)
             self._fit_columns(SortedRows(values[refit], ~outliers.T[refit]), widths, codebooks, {}, refit, warm=True,
@@ -334,7 +342,8 @@ class CMPQ(Quantizer):
             codes = self._codes(values, widths, codebooks)
         final = w
         if config.error_feedback:
-            final = self._feedback(w, stats["hessian"], widths, codebooks, outliers, grid)
+            with stage("error feedback"):
+                final = self._feedback(w, stats["hessian"], widths, codebooks, outliers, grid)
             codes = self._codes(final.T.contiguous(), widths, codebooks)
         rows_idx, cols_idx = outliers.nonzero(as_tuple=True)   # row-major order, as CSR stores them
         return CMPQWeight(widths=widths.to(torch.uint8), codes=codes.T.contiguous().to(torch.uint8),
