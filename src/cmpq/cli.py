@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "load it with `cmpq generate --model DIR`, `cmpq eval --model DIR` or transformers' "
                         "AutoModelForCausalLM.from_pretrained(DIR) after `import cmpq`")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    q.add_argument("--resume", action="store_true",
+                   help="continue a run of the same command that was stopped (killed, interrupted, out of "
+                        "memory): finished steps (distillation teacher, width plan, every quantized block, head, "
+                        "distillation) are kept in $CMPQ_CACHE_DIR/resume (default ~/.cache/cmpq/resume) until "
+                        "the output is saved, and the result is the same, byte for byte, as a run that was never "
+                        "stopped, with the same --threads N; without --resume a run starts over")
     q.add_argument("--quantize-head", type=float, metavar="BITS",
                    help="also quantize the output head (lm_head; untied from the embeddings if shared) with CMPQ's "
                         "best setting at BITS honest bits per weight (1..8; 8 is nearly lossless). Its bpw is "
@@ -359,7 +365,8 @@ def _quantize_job(args: argparse.Namespace):
                               tokens=args.distill_tokens),
         eval=EvalConfig(datasets=args.eval, protocol=args.protocol), tasks=_task_config(args),
         kld=_kld_config(args), true_sequential=args.true_sequential, out=Path(args.out) if args.out else None,
-        overwrite=args.overwrite, json=Path(args.json) if args.json else None, progress=not args.no_progress)
+        overwrite=args.overwrite, json=Path(args.json) if args.json else None, progress=not args.no_progress,
+        resume=args.resume)
 
 
 def _print_summary(record: dict[str, Any]) -> None:

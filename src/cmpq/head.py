@@ -106,3 +106,13 @@ def quantize_head(model: nn.Module, final: list[nn.Module], quantizer: Quantizer
     with torch.no_grad():
         head.weight.copy_(qw.dequantize().to(head.weight.dtype))
     return name, qw
+
+
+def install_head(model: nn.Module, qw: QuantizedWeight) -> str:
+    """Put a head quantized earlier (by `quantize_head` on this model, e.g. in a run being resumed) in place,
+    untied as `quantize_head` leaves it; returns its name."""
+    name, head = output_head(model)
+    untie(model, name, head)
+    with torch.no_grad():
+        head.weight.copy_(qw.dequantize().to(head.weight.dtype))
+    return name

@@ -19,12 +19,13 @@ from cmpq.calibration.gradients import gradient_statistics
 from cmpq.calibration.stats import GRADIENT_STATISTICS, LayerStats, StatsRecorder
 from cmpq.errors import CmpqError, ConfigError
 from cmpq.formats.base import BitBreakdown, QuantizedWeight
-from cmpq.head import quantize_head
+from cmpq.head import install_head, quantize_head
 from cmpq.models.arch import ArchSpec
 from cmpq.progress import bar as progress_bar
 from cmpq.progress import stage
 from cmpq.threads import adapt
 from cmpq.quantizers.base import Quantizer
+from cmpq.resume import RunState, check_weights
 from cmpq.training.finetune import FinetuneConfig, enabled, finetune_block
 
 
@@ -65,7 +66,7 @@ class QuantizationResult:
 def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windows: torch.Tensor | None,
                    true_sequential: bool = False, progress: bool = True,
                    dtype: torch.dtype = torch.float32, head: Quantizer | None = None,
-                   finetune: FinetuneConfig | None = None) -> QuantizationResult:
+                   finetune: FinetuneConfig | None = None, state: RunState | None = None) -> QuantizationResult:
     """Quantize every linear in the blocks of `model` in place (weights replaced by their dequantized values),
     then the output head with `head` if given (`cmpq.head`; accounted apart, `result.head`).
 
@@ -76,6 +77,8 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     finetune: after each block is quantized, train the stored values of its lookup-quantized layers so that its
     outputs match the float block's (or the float model's states, `FinetuneConfig.target`; `cmpq.training.finetune`);
     needs calibration windows, and one more activation buffer (two for the model target).
+    state: where finished steps are kept (`cmpq.resume`): the model-wide plan, each block's quantized layers and
+    the head are saved as they finish, and those already there are taken instead of being computed again.
     """
     start = time.perf_counter()
     result = QuantizationResult(method=quantizer.name)
@@ -92,14 +95,24 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                           f"calibration windows")
     if tune and windows is None:
         raise ConfigError("fine-tuning needs calibration windows")
+    planned = _restore_plan(quantizer, state)
+    if planned:  # the measuring pass is done: only what the quantizing pass itself reads is gathered
+        all_needs = quantizer.needs()
+    done = _finished_blocks(state, len(blocks))
+    head_done = head is not None and state is not None and state.has("head")
+    # calibration activations flow through the blocks while some block or the head still needs them
+    feed = feed and (done < len(blocks) or (head_needs and not head_done))
     gradients: dict[str, dict[str, torch.Tensor]] = {}
-    if all_needs & set(GRADIENT_STATISTICS):  # one backward pass per window over the float model, first
+    if all_needs & set(GRADIENT_STATISTICS) and done < len(blocks):  # one backward pass per window over the float model, first
         linears = {f"{arch.blocks_path}.{i}.{n}": m for i, b in enumerate(blocks)
                    for n, m in arch.block_linears(b).items()}
         gradients = gradient_statistics(model, linears, quantizer.gradient_windows(windows),
                                         all_needs & set(GRADIENT_STATISTICS), dtype, progress)
-    if quantizer.measures_model():
+    if quantizer.measures_model() and not planned and done < len(blocks):
         _measure_model(model, arch, quantizer, windows, quantizer.measure_needs(), progress, dtype, gradients)
+        plan = quantizer.plan_state()
+        if state is not None and plan is not None:
+            state.save("plan", plan)
     if not quantizer.needs() & set(GRADIENT_STATISTICS):
         gradients.clear()
     target = float_hidden = None
@@ -115,6 +128,15 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
             adapt()
             block = blocks[index]
             linears = arch.block_linears(block)
+            if index < done:  # finished by a run that was stopped: its layers in place, its outputs rebuilt
+                _replay_block(state.load(f"block-{index}"), block, linears, f"{arch.blocks_path}.{index}.", result,
+                              gradients, inputs if feed else None, float_hidden, target)
+                if float_hidden is not None:
+                    float_hidden, target = target, float_hidden
+                if feed and (index + 1 < len(blocks) or head_needs):
+                    run_block(block, inputs, hidden, spare)
+                    hidden, spare = spare, hidden
+                continue
             groups = arch.groups if true_sequential else (arch.linear_names,)
             if float_hidden is not None:
                 run_block(block, inputs, float_hidden, target)
@@ -146,22 +168,69 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                           finetune, bar)
                 if float_hidden is not None:  # the float states after this block feed the next one's target
                     float_hidden, target = target, float_hidden
+            if state is not None:
+                prefix = f"{arch.blocks_path}.{index}."
+                state.save(f"block-{index}", {
+                    "layers": {n: result.layers[prefix + n] for n in linears},
+                    "finetune": result.finetune[-1] if tune else None})
             # Feed the next block. A method that reads no statistics gives the same weights whatever the inputs,
             # and the last block's outputs feed only the head's statistics: skip the passes nothing reads.
             if feed and (index + 1 < len(blocks) or head_needs):
                 run_block(block, inputs, hidden, spare)
                 hidden, spare = spare, hidden
         bar.close()
-        if head is not None:
+        if head_done:
+            qw = check_weights({"head": state.load("head")["layer"]})["head"]
+            name = install_head(model, qw)
+            result.layers[name], result.head = qw, name
+        elif head is not None:
             with stage("head"):
                 name, qw = quantize_head(model, arch.final_modules(model), head, hidden if head_needs else None,
                                          dtype)
             result.layers[name], result.head = qw, name
+            if state is not None:
+                state.save("head", {"layer": qw})
     except BaseException:
         result.remove_hooks()  # a failed run leaves no activation quantizers on the model
         raise
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _restore_plan(quantizer: Quantizer, state: RunState | None) -> bool:
+    """Take the model-wide plan of a stopped run, if it saved one; whether there was one."""
+    if state is None or not quantizer.measures_model() or not state.has("plan"):
+        return False
+    quantizer.restore_plan(state.load("plan"))
+    return True
+
+
+def _finished_blocks(state: RunState | None, count: int) -> int:
+    """How many blocks, from the first, a stopped run finished."""
+    done = 0
+    while state is not None and done < count and state.has(f"block-{done}"):
+        done += 1
+    return done
+
+
+def _replay_block(saved: dict, block: nn.Module, linears: dict[str, nn.Linear], prefix: str,
+                  result: QuantizationResult, gradients: dict, inputs, float_hidden: torch.Tensor | None,
+                  target: torch.Tensor | None) -> None:
+    """Put a block quantized by a stopped run back as that run left it: its layers in the model and `result`
+    (activation hooks included) and its fine-tuning entry; with the model as fine-tuning target, the float
+    block's outputs into `target` first, as the run computed them."""
+    if float_hidden is not None and inputs is not None:
+        run_block(block, inputs, float_hidden, target)
+    for name, qw in check_weights(saved["layers"]).items():
+        gradients.pop(prefix + name, None)
+        with torch.no_grad():
+            linears[name].weight.copy_(qw.dequantize().to(linears[name].weight.dtype))
+        hook = qw.activation_hook()
+        if hook is not None:
+            result.hooks.append(linears[name].register_forward_pre_hook(hook))
+        result.layers[prefix + name] = qw
+    if saved.get("finetune") is not None:
+        result.finetune.append(saved["finetune"])
 
 
 def _finetune(block: nn.Module, linears: dict[str, nn.Linear], index: int, prefix: str, result: QuantizationResult,

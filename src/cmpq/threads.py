@@ -93,11 +93,18 @@ class LoadWatcher:
 
 
 _watcher: LoadWatcher | None = None
+_pinned: int | None = None
+
+
+def pinned() -> int | None:
+    """The thread count `configure` pinned, or None while the count follows the load (or nothing set it)."""
+    return _pinned
 
 
 def configure(threads: int | None) -> None:
     """`threads` given: exactly that many, always. None: adapt to the load, up to the available cores."""
-    global _watcher
+    global _watcher, _pinned
+    _pinned = threads or None
     if threads:
         torch.set_num_threads(threads)
         _watcher = None

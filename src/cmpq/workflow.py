@@ -29,6 +29,7 @@ from cmpq.pipeline import QuantizationResult, quantize_model
 from cmpq.progress import profiling, stage
 from cmpq.quantizers import Quantizer, get_quantizer
 from cmpq.quantizers.base import BUDGET_TOLERANCE_BPW
+from cmpq.resume import RunState
 from cmpq.training import distill as distillation
 from cmpq.training.distill import DistillConfig
 from cmpq.training.finetune import FinetuneConfig, enabled
@@ -56,7 +57,8 @@ class QuantizeJob:
     """One `cmpq quantize` run. `options` are fields of the method's Config (`bits` among them), applied over
     `preset` (None: the method's default preset, e.g. cmpq's "best"); `distill.epochs` None takes the
     preset's distillation. `head_bits` quantizes the output head too; `out` saves the packed model, `json`
-    appends the record. Every check that can fail runs in `check`, before the model is loaded."""
+    appends the record; `resume` continues a stopped run of the same job from what it finished (`cmpq.resume`).
+    Every check that can fail runs in `check`, before the model is loaded."""
 
     options: dict[str, Any]
     model: str = "smollm2-135m"
@@ -74,6 +76,7 @@ class QuantizeJob:
     overwrite: bool = False
     json: Path | None = None
     progress: bool = True
+    resume: bool = False
 
     def quantizer(self) -> Quantizer:
         from cmpq.quantizers import QUANTIZERS
@@ -117,14 +120,61 @@ class QuantizeJob:
         return quantizer, head, distill
 
 
+def run_state(job: QuantizeJob, quantizer: Quantizer, distill: DistillConfig) -> RunState:
+    """Where `job` keeps its finished steps: named by everything that decides its output (`cmpq.resume`)."""
+    from cmpq import __version__, threads
+    from cmpq.eval.records import environment
+
+    description = {
+        "model": job.model, "model_files": model_identity(job.model), "method": quantizer.name,
+        "config": config_to_dict(quantizer.config), "calib": config_to_dict(job.calib), "head_bits": job.head_bits,
+        "finetune": config_to_dict(job.finetune), "distill": config_to_dict(distill),
+        "true_sequential": job.true_sequential, "threads": threads.pinned(), "cmpq": __version__,
+        "git_commit": environment()["git_commit"], "torch": torch.__version__}
+    return RunState.for_run(description)
+
+
+def model_identity(spec: str) -> list[list[Any]]:
+    """(name, size, modification time) of the files a model spec reads, so that a state is not resumed on a
+    model that changed; empty for hub ids."""
+    from cmpq.models.load import DEFAULT_MODEL, bundled_smollm2_path
+
+    path = bundled_smollm2_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()]
+
+
+def start_state(job: QuantizeJob, quantizer: Quantizer, distill: DistillConfig) -> RunState:
+    """The job's state, emptied unless it resumes; says what a resumed run takes over."""
+    state = run_state(job, quantizer, distill)
+    finished = state.finished()
+    if job.resume and finished:
+        print(f"resuming: {len(finished)} finished steps of a stopped run ({', '.join(_steps(finished))})")
+    elif job.resume:
+        print("resuming: no stopped run of this command was found; starting from the beginning")
+    elif finished:
+        print(f"a stopped run of this command had finished {len(finished)} steps; starting over "
+              f"(--resume continues such a run)")
+    state.start(job.resume)
+    return state
+
+
+def _steps(keys: list[str]) -> list[str]:
+    blocks = [k for k in keys if k.startswith("block-")]
+    rest = [k for k in keys if not k.startswith("block-")]
+    return rest + ([f"{len(blocks)} blocks"] if blocks else [])
+
+
 def run_quantize(job: QuantizeJob) -> dict[str, Any]:
     """Run `job` end to end: quantize, evaluate, save and record; returns the record (the CLI prints it). The
-    record's `stages` holds the seconds of every stage of the run (`cmpq.progress`)."""
+    record's `stages` holds the seconds of every stage of the run (`cmpq.progress`). Finished steps are kept
+    on disk until the output is saved, for `resume`."""
     from cmpq.eval.records import append_record
     from cmpq.models.load import load_model
     from cmpq.packed.model_io import WEIGHTS, save_quantized
 
     quantizer, head, distill = job.check()
+    state = start_state(job, quantizer, distill)
     with profiling() as profile:
         with stage("load model"):
             loaded = load_model(job.model)
@@ -133,7 +183,8 @@ def run_quantize(job: QuantizeJob) -> dict[str, Any]:
             with stage("KL divergence reference"):  # while the model is still float
                 reference = kld_reference(loaded, job.kld, progress=job.progress)
         result, calib_info = quantize(loaded, quantizer, job.calib, true_sequential=job.true_sequential,
-                                      progress=job.progress, head=head, finetune=job.finetune, distill=distill)
+                                      progress=job.progress, head=head, finetune=job.finetune, distill=distill,
+                                      state=state)
         ppl = evaluate(loaded, job.eval, job.progress)
         with stage("tasks and KL divergence") if job.tasks or reference else contextlib.nullcontext():
             extra = extra_evaluations(loaded, job.tasks, reference, job.progress)
@@ -151,15 +202,17 @@ def run_quantize(job: QuantizeJob) -> dict[str, Any]:
         print(f"saved to {directory} ({record['file_bytes']:,} bytes in {WEIGHTS})")
     if job.json:
         append_record(job.json, record)
+    state.clear()
     return record
 
 
 def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, *, true_sequential: bool = False,
              progress: bool = True, head: Quantizer | None = None, finetune: FinetuneConfig | None = None,
-             distill: DistillConfig | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
+             distill: DistillConfig | None = None,
+             state: RunState | None = None) -> tuple[QuantizationResult, dict[str, Any]]:
     """Quantize `loaded.model` in place (and its output head with `head`, after the blocks), then distill its
     stored values end to end if `distill` asks (`cmpq.training.distill`); returns the result and the calibration
-    description for the record."""
+    description for the record. `state`: finished steps are saved there and taken from there (`cmpq.resume`)."""
     calib_info: dict[str, Any] = {"used": False}
     windows = None
     tune = enabled(finetune)
@@ -176,12 +229,18 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, *, t
     start = time.perf_counter()
     distill_windows = distill.windows(windows) if distilling else None
     teacher = None
-    if distilling:
-        with stage("distillation teacher"):
-            teacher = distillation.teacher_topk(loaded.model, distill_windows, distill.topk, dtype, progress)
+    distilled = distilling and state is not None and state.has("distillation")
+    if distilling and not distilled:
+        if state is not None and state.has("teacher"):
+            teacher = distillation.Teacher(**state.load("teacher"))
+        else:
+            with stage("distillation teacher"):
+                teacher = distillation.teacher_topk(loaded.model, distill_windows, distill.topk, dtype, progress)
+            if state is not None:
+                state.save("teacher", {"indices": teacher.indices, "logprobs": teacher.logprobs})
     teacher_seconds = time.perf_counter() - start
     result = quantize_model(loaded.model, loaded.arch, quantizer, windows, true_sequential=true_sequential,
-                            progress=progress, dtype=dtype, head=head, finetune=finetune)
+                            progress=progress, dtype=dtype, head=head, finetune=finetune, state=state)
     if windows is not None:
         result.calibration = {**config_to_dict(calib), "dtype": calib_info["resolved_dtype"]}
     if tune:
@@ -189,9 +248,14 @@ def quantize(loaded: LoadedModel, quantizer: Quantizer, calib: CalibConfig, *, t
     if distilling:
         start = time.perf_counter()
         blocks = {name: qw for name, qw in result.layers.items() if name != result.head}
-        with stage("distillation"):
-            kept, record = distillation.distill_model(loaded.model, blocks, distill_windows, teacher, distill, dtype,
-                                                      seed=calib.seed, progress=progress)
+        if distilled:
+            kept, record = distillation.install(loaded.model, state.load("distillation"))
+        else:
+            with stage("distillation"):
+                kept, record = distillation.distill_model(loaded.model, blocks, distill_windows, teacher, distill,
+                                                          dtype, seed=calib.seed, progress=progress)
+            if state is not None:
+                state.save("distillation", distillation.saved(loaded.model, kept, record))
         result.layers.update(kept)
         result.distill = {**config_to_dict(distill), **record}
         result.seconds += teacher_seconds + time.perf_counter() - start

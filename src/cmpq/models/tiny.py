@@ -15,11 +15,11 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "opt")
 TINY_VOCAB = 256 + 3  # one token per byte plus bos/eos/unk
 
 
-def tiny_config(family: str, vocab_size: int = TINY_VOCAB):
-    """A small transformers config of `family` (2 blocks, hidden 48, MLP 80)."""
+def tiny_config(family: str, vocab_size: int = TINY_VOCAB, blocks: int = 2):
+    """A small transformers config of `family` (`blocks` blocks, hidden 48, MLP 80)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=blocks, num_attention_heads=4,
                   max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     if family == "llama":
         return tf.LlamaConfig(intermediate_size=80, num_key_value_heads=2, tie_word_embeddings=True, **common)
@@ -33,12 +33,12 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB):
     raise ValueError(f"no tiny config for '{family}'; choose from {TINY_FAMILIES}")
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> nn.Module:
+def tiny_model(family: str = "llama", seed: int = 0, blocks: int = 2) -> nn.Module:
     """A seeded, randomly initialised causal LM of `family` in float32 eval mode."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(family)
+    config = tiny_config(family, blocks=blocks)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # HF's init is tiny (std 0.02); widen it so quantization error is visible in outputs
         for module in model.modules():
@@ -65,9 +65,9 @@ def tiny_tokenizer():
                                    pad_token="</s>")
 
 
-def save_tiny(directory: str | Path, family: str = "llama", seed: int = 0) -> Path:
+def save_tiny(directory: str | Path, family: str = "llama", seed: int = 0, blocks: int = 2) -> Path:
     """Write a tiny model and its tokenizer as a Hugging Face directory (for CLI and loader tests)."""
     directory = Path(directory)
-    tiny_model(family, seed).save_pretrained(directory)
+    tiny_model(family, seed, blocks).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory

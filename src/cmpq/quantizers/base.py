@@ -93,6 +93,15 @@ class Quantizer(ABC):
     def plan(self) -> None:
         """Decide model-wide choices from everything `measure` recorded."""
 
+    def plan_state(self) -> dict[str, Any] | None:
+        """What `plan` decided, as tensors and plain values, for a run to resume without measuring again
+        (`cmpq.resume`); None if this method cannot give it (a resumed run then measures again)."""
+        return None
+
+    def restore_plan(self, state: dict[str, Any]) -> None:
+        """Take a plan given by `plan_state` instead of measuring."""
+        raise NotImplementedError(f"{self.name} cannot restore a plan")
+
     def target_bits(self) -> float | None:
         """The honest bits-per-weight target this configuration promises to meet (PROTOCOL: at most the target
         and within 0.02), or None for fixed formats such as RTN whose `bits` is a code width."""

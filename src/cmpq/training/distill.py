@@ -205,12 +205,30 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
     kept, kept_vectors = best
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in kept_vectors:
-                p.copy_(kept_vectors[name])
-        for name, qw in kept.items():
-            weight = model.get_submodule(name).weight
-            weight.copy_(qw.dequantize().to(weight.dtype))
+    _put(model, kept, kept_vectors)
     record["epoch_kept"] = best_epoch
     return kept, record
+
+
+def _put(model: nn.Module, layers: dict[str, QuantizedWeight], vectors: dict[str, torch.Tensor]) -> None:
+    """The distilled values in the model: 1-D parameters by name, lookup layers dequantized."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in vectors:
+                p.copy_(vectors[name])
+        for name, qw in layers.items():
+            weight = model.get_submodule(name).weight
+            weight.copy_(qw.dequantize().to(weight.dtype))
+
+
+def saved(model: nn.Module, layers: dict[str, QuantizedWeight], record: dict) -> dict:
+    """What `distill_model` left (its kept layers, the model's 1-D parameters after it, its record), for a
+    stopped run to take over (`cmpq.resume`)."""
+    vectors = {name: p.detach().clone() for name, p in model.named_parameters() if p.ndim == 1}
+    return {"layers": layers, "vectors": vectors, "record": record}
+
+
+def install(model: nn.Module, state: dict) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Put what `saved` kept back in the model; returns the layers and the record as `distill_model` did."""
+    _put(model, state["layers"], state["vectors"])
+    return state["layers"], state["record"]

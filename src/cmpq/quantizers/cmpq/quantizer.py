@@ -299,6 +299,13 @@ class CMPQ(Quantizer):
         self._plan = dict(zip(names, index.split(sizes)))
         self._measured.clear()
 
+    def plan_state(self) -> dict[str, torch.Tensor] | None:
+        """The width index of every column of every layer, by layer name."""
+        return dict(self._plan) if self.measures_model() else None
+
+    def restore_plan(self, state: dict[str, torch.Tensor]) -> None:
+        self._plan = dict(state)
+
     def quantize(self, weight: torch.Tensor, stats: LayerStats, name: str = "") -> CMPQWeight:
         config = self.config
         w, s, act_mask, values, sorted_cols = self._prepare(weight, stats)
