@@ -27,9 +27,15 @@ SETTINGS: list[tuple[str, list[str]]] = [
     ("default", []),
     ("128 x 2048 calibration, 3 distillation epochs on 65,536 tokens, 32,768 Fisher tokens",
      ["--nsamples", "128", "--distill", "3", "--distill-tokens", "65536", "--options", '{"fisher_tokens": 32768}']),
-    ("32 x 2048 calibration, 3 distillation epochs", ["--nsamples", "32", "--distill", "3"]),
-    ("32 x 2048 calibration, 1 distillation epoch", ["--nsamples", "32", "--distill", "1"]),
-    ("quick: 32 x 512 calibration", ["--nsamples", "32", "--seqlen", "512"]),
+    ("32 x 2048 calibration, 3 distillation epochs", ["--nsamples", "32", "--distill", "3",
+                                                      "--distill-tokens", "65536"]),
+    ("32 x 2048 calibration, 2 distillation epochs", ["--nsamples", "32", "--distill", "2",
+                                                      "--distill-tokens", "65536"]),
+    ("32 x 2048 calibration, 1 distillation epoch", ["--nsamples", "32", "--distill", "1",
+                                                     "--distill-tokens", "65536"]),
+    ("32 x 2048 calibration, 1 distillation epoch, 16,384 Fisher tokens",
+     ["--nsamples", "32", "--distill", "1", "--distill-tokens", "65536", "--options", '{"fisher_tokens": 16384}']),
+    ("32 x 2048 calibration, no distillation", ["--nsamples", "32", "--distill", "0"]),
 ]
 
 
@@ -59,11 +65,12 @@ def summary(label: str, bits: float, flags: list[str], run: dict) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | minutes | peak RSS, GB | WikiText-2 | C4 |", "|---|---|---|---|---|"]
+    lines = ["| setting | minutes | peak RSS, GB | WikiText-2 | C4 | commit |", "|---|---|---|---|---|---|"]
     for r in rows:
         name = f"**{r['label']}**" if r["label"] == "default" else r["label"]
         lines.append(f"| {name} | {r['wall_seconds'] / 60:.1f} | {r['peak_rss_mb'] / 1024:.2f} | "
-                     f"{r['ppl'].get('wikitext2', float('nan')):.2f} | {r['ppl'].get('c4', float('nan')):.2f} |")
+                     f"{r['ppl'].get('wikitext2', float('nan')):.2f} | {r['ppl'].get('c4', float('nan')):.2f} | "
+                     f"{(r['git_commit'] or 'unknown')[:7]} |")
     first = rows[0]
     return ("\n".join(lines) + f"\n\n`cmpq quantize --bits {first['bits']:g}` plus each setting's flags on smollm2-135m, "
             f"{first['machine']['cpu']}, {first['threads']} threads; minutes: the whole command (load, quantization, "

@@ -11,7 +11,7 @@ from cmpq.models.arch import find_arch
 from cmpq.models.tiny import TINY_VOCAB, tiny_model
 from cmpq.pipeline import quantize_model
 from cmpq.quantizers import get_quantizer
-from cmpq.training.distill import DistillConfig, distill_model, sparse_kl, split, teacher_topk
+from cmpq.training.distill import DistillConfig, distill_model, fused_sparse_kl, sparse_kl, split, teacher_topk
 
 
 def test_sparse_kl_is_the_full_kl_when_the_top_k_hold_every_token():
@@ -24,6 +24,27 @@ def test_sparse_kl_is_the_full_kl_when_the_top_k_hold_every_token():
     top3 = lp.topk(3, dim=-1)
     assert float(sparse_kl(teacher, top3.indices, top3.values)) == pytest.approx(0, abs=1e-6)  # same distribution
     assert 0 < float(sparse_kl(student, top3.indices, top3.values)) <= float(full) + 1e-6  # coarser: never above
+
+
+@pytest.mark.parametrize("k, rows", [(3, 2), (7, 64), (11, 4)])
+def test_fused_sparse_kl_matches_the_plain_reference_in_value_and_gradient(k, rows):
+    g = torch.Generator().manual_seed(k)
+    vocab = 11
+    teacher = torch.randn(9, vocab, generator=g) * 3
+    teacher[0, 0] = 40.0  # a position whose top k hold nearly all the mass: no rest term, as in the reference
+    lp = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    student = torch.randn(9, vocab, generator=g) * 3
+    student[1, :] = -30.0
+    student[1, 0] = 30.0  # the student's rest underflows far below the teacher's
+    plain, fused = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    reference = sparse_kl(plain, lp.indices.int(), lp.values)
+    value = fused_sparse_kl(fused, lp.indices.int(), lp.values, rows=rows)
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+    reference.backward()
+    value.backward()
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # no gradient asked: the same value
+        torch.testing.assert_close(fused_sparse_kl(student, lp.indices.int(), lp.values, rows=rows), reference.detach())
 
 
 def test_split_holds_out_the_last_windows():

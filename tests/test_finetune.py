@@ -36,6 +36,23 @@ def test_lookup_values_reproduce_the_weight():
         assert index.shape == w.shape and int(index.max()) < theta.numel()
 
 
+def test_weight_from_values_is_theta_at_the_index_with_the_same_gradient():
+    """The gather used in training (`weight_from_values`) against the plain reference theta[index]."""
+    from cmpq.formats.synthetic import random_cmpq_layer
+
+    layer = random_cmpq_layer(32, 24, torch.tensor([1, 2, 3] * 8), nnz=10, codebook="fp16")
+    theta, index = layer.lookup_values()
+    assert torch.equal(layer.stored_values(), theta)
+    upstream = torch.randn(32, 24, generator=torch.Generator().manual_seed(1))
+    fast, plain = theta.clone().requires_grad_(True), theta.clone().requires_grad_(True)
+    weight = layer.weight_from_values(fast)
+    assert torch.equal(weight, plain[index]) and torch.equal(weight, layer.dequantize())
+    (weight * upstream).sum().backward()
+    (plain[index] * upstream).sum().backward()
+    torch.testing.assert_close(fast.grad, plain.grad, rtol=1e-6, atol=1e-6)
+    assert fast.grad[-10:].abs().sum() > 0  # the outlier values get their gradient too
+
+
 def test_lookup_index_puts_outliers_after_the_codebooks_in_their_order():
     codes = torch.tensor([[0, 1], [1, 0]])
     assert lookup_index(codes, 2, torch.tensor([0, 1]), torch.tensor([1, 0])).tolist() == [[0, 4], [5, 2]]

@@ -73,3 +73,28 @@ def test_stage_outside_a_profile_does_nothing_and_errors_leave_it_consistent():
     assert set(profile.as_dict()) == {"failing", "after", "other"}
     with stage("alone again"):  # no profile open any more
         pass
+
+
+def test_the_rise_of_peak_rss_is_charged_to_the_stage_that_allocated():
+    import os
+
+    import numpy as np
+
+    from cmpq.progress import peak_rss_mb
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs /proc to read the current RSS")
+    with open("/proc/self/statm") as handle:
+        current = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    size = peak_rss_mb() - current + 64  # MiB: 64 above the process's peak so far, whatever earlier tests used
+    with profiling() as profile:
+        with stage("small"):
+            pass
+        with stage("large"):
+            block = np.ones(int(size * 2**20 // 8))  # touched page by page
+            del block
+    rss = profile.rss_dict()
+    assert rss.get("large", 0.0) >= 60 and rss.get("small", 0.0) < 10
+    lines = stage_table(profile.as_dict(), rss).splitlines()
+    assert "rise of peak RSS" in lines[0] and lines[-1].startswith("  peak RSS")
+    assert any(line.strip().startswith("large") and "+" in line for line in lines)

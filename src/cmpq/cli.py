@@ -396,7 +396,7 @@ def _print_summary(record: dict[str, Any]) -> None:
     if record.get("stages"):
         from cmpq.progress import stage_table
 
-        print(stage_table(record["stages"]))
+        print(stage_table(record["stages"], record.get("stage_rss_rise_mb")))
     print(f"peak RSS {record['peak_rss_mb']:.0f} MB, threads {record['threads']}")
 
 

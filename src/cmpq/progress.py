@@ -12,6 +12,7 @@ stages of a profile add up to its wall time; time in no stage is reported as "ot
 from __future__ import annotations
 
 import contextlib
+import resource
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -94,15 +95,41 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
     return LineBar(iterable, total=total, desc=desc, unit=unit, disable=disable)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 @dataclass
 class Profile:
-    """Seconds per stage, in the order stages were first entered; `wall`: the profile's whole duration."""
+    """Seconds per stage, in the order stages were first entered; `wall`: the profile's whole duration.
+    `rss_rise`: MiB by which the process's peak RSS rose while each stage ran (`start_rss`: the peak when the
+    profile began), so that the stage that sets the peak can be read off."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
+    rss_rise: dict[str, float] = field(default_factory=dict)
+    start_rss: float = field(default_factory=peak_rss_mb)
+    _last_rss: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._last_rss = self.start_rss
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.charge_rss(name)
+
+    def charge_rss(self, name: str) -> None:
+        """Charge the rise of the peak RSS since the last charge to stage `name`."""
+        rss = peak_rss_mb()
+        if rss > self._last_rss:
+            self.rss_rise[name] = self.rss_rise.get(name, 0.0) + rss - self._last_rss
+            self._last_rss = rss
+
+    def rss_dict(self) -> dict[str, float]:
+        """The peak's rise per stage (stages that raised it), and "before" (the peak when profiling began)."""
+        return {"before": round(self.start_rss, 1), **{name: round(mb, 1) for name, mb in self.rss_rise.items()}}
 
     def as_dict(self) -> dict[str, float]:
         """Every stage and "other" (time in no stage), rounded to milliseconds, for the record."""
@@ -110,18 +137,20 @@ class Profile:
         out["other"] = round(max(self.wall - sum(self.seconds.values()), 0.0), 3)
         return out
 
-    def table(self) -> str:
-        return stage_table(self.as_dict())
 
-
-def stage_table(stages: dict[str, float]) -> str:
-    """A profile's stages (`Profile.as_dict`, as stored in a record) as aligned lines: stage, seconds, share."""
+def stage_table(stages: dict[str, float], rss: dict[str, float] | None = None) -> str:
+    """A profile's stages (`Profile.as_dict`, as stored in a record) as aligned lines: stage, seconds, share,
+    and with `rss` (`Profile.rss_dict`) the MiB by which each stage raised the peak RSS."""
     wall = sum(stages.values())
     width = max((len(name) for name in stages), default=5)
-    lines = [f"time by stage ({wall:.1f} s in all):"]
+    lines = [f"time by stage ({wall:.1f} s in all)" + (", and the rise of peak RSS in each:" if rss else ":")]
     for name, seconds in stages.items():
         share = 100 * seconds / wall if wall > 0 else 0.0
-        lines.append(f"  {name:<{width}}  {seconds:8.1f} s  {share:5.1f}%")
+        rise = f"  +{rss[name]:7.0f} MB" if rss and rss.get(name) else ""
+        lines.append(f"  {name:<{width}}  {seconds:8.1f} s  {share:5.1f}%{rise}")
+    if rss:
+        lines.append(f"  peak RSS {rss.get('before', 0.0) + sum(v for k, v in rss.items() if k != 'before'):.0f} MB "
+                     f"({rss.get('before', 0.0):.0f} MB before the first stage)")
     return "\n".join(lines)
 
 
@@ -141,6 +170,7 @@ def profiling() -> Iterator[Profile]:
         del _open[depth:]
         _profiles.remove(profile)
         profile.wall = time.perf_counter() - start
+        profile.charge_rss("other")
 
 
 @contextlib.contextmanager
@@ -153,6 +183,8 @@ def stage(name: str) -> Iterator[None]:
     if _open:
         parent = _open[-1]
         profile.add(parent[0], now - parent[1])
+    else:
+        profile.charge_rss("other")  # between stages
     entry = [name, now]
     _open.append(entry)
     try:

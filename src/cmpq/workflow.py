@@ -175,6 +175,7 @@ def run_quantize(job: QuantizeJob) -> dict[str, Any]:
 
     quantizer, head, distill = job.check()
     state = start_state(job, quantizer, distill)
+    resumed = state.finished()  # the steps a stopped run finished, taken over (empty unless job.resume)
     with profiling() as profile:
         with stage("load model"):
             loaded = load_model(job.model)
@@ -196,6 +197,8 @@ def run_quantize(job: QuantizeJob) -> dict[str, Any]:
                                  head)
     record.update(extra)
     record["stages"] = profile.as_dict()
+    record["stage_rss_rise_mb"] = profile.rss_dict()
+    record["resumed_steps"] = _steps(resumed) if resumed else None
     if job.out:
         record["file_bytes"] = (directory / WEIGHTS).stat().st_size
         record["saved_to"] = str(directory)

@@ -6,9 +6,7 @@ import fcntl
 import json
 import os
 import platform
-import resource
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +17,7 @@ import torch.nn as nn
 from cmpq.atomic import atomic_write
 from cmpq.errors import CmpqError
 from cmpq.paths import CHECKOUT
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+from cmpq.progress import peak_rss_mb  # noqa: F401 (re-exported: records name it)
 
 
 def git_commit() -> str | None:

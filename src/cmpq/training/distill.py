@@ -129,6 +129,60 @@ def sparse_kl(logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: tor
     return kl.mean()
 
 
+class _FusedSparseKL(torch.autograd.Function):
+    """`sparse_kl` with its gradient computed in the forward, a block of positions at a time: a handful of passes
+    over the (L, V) logits instead of the dozen that autograd's logsumexp, scatter and their backwards make, and
+    no (L, V) intermediates kept but the gradient itself. d KL / d z_j over one position, with q = softmax(z),
+    q' = the softmax of the logits outside the top k, p the teacher's top-k probabilities and r its rest mass
+    (when it counts): q_j (sum p + r) - p_j [j in top k] - r q'_j [j not in top k]."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+                rows: int) -> torch.Tensor:
+        positions = logits.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty(logits.shape, dtype=torch.float32) if want_grad else None
+        total_kl = torch.zeros((), dtype=torch.float32)
+        for start in range(0, positions, rows):
+            part = slice(start, min(start + rows, positions))
+            z, index, lp = logits[part].float(), indices[part].long(), teacher_logprobs[part]
+            total = torch.logsumexp(z, dim=-1)
+            student = z.gather(1, index) - total[:, None]
+            rest_logits = z.scatter(1, index, float("-inf"))
+            rest_total = torch.logsumexp(rest_logits, dim=-1)
+            log_q_rest = rest_total - total
+            p = lp.exp()
+            p_rest = 1 - p.sum(dim=-1)
+            counts = p_rest > 1e-6  # as in `sparse_kl`: below, the rest is the rounding of the top-k sum
+            p_rest_c = p_rest.clamp(min=1e-6)
+            rest = torch.where(counts, p_rest_c * (p_rest_c.log() - log_q_rest.clamp(min=-1e4)),
+                               torch.zeros_like(p_rest))
+            total_kl += ((p * (lp - student)).sum(dim=-1) + rest).sum()
+            if want_grad:
+                r = torch.where(counts & (log_q_rest > -1e4), p_rest, torch.zeros_like(p_rest))  # clamp: no gradient
+                g = grad[part]
+                torch.sub(z, total[:, None], out=g)
+                g.exp_().mul_((p.sum(dim=-1) + r)[:, None])
+                finite = torch.where(torch.isfinite(rest_total), rest_total, torch.zeros_like(rest_total))
+                g.sub_(rest_logits.sub_(finite[:, None]).exp_().mul_(r[:, None]))  # k = vocabulary: no rest
+                g.scatter_add_(1, index, -p)
+        if want_grad:
+            ctx.save_for_backward(grad.div_(positions))
+        return total_kl / positions
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None
+
+
+def fused_sparse_kl(logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    rows: int = 256) -> torch.Tensor:
+    """`sparse_kl` (its plain reference) computed `rows` positions at a time, with its gradient ready: what
+    distillation trains on."""
+    return _FusedSparseKL.apply(logits, indices, teacher_logprobs, rows)
+
+
 def split(n: int, holdout: float) -> tuple[list[int], list[int]]:
     """Training and held-out window indices: the last max(1, round(holdout * n)) windows are held out, at most
     n - 1 so that one trains (a single window both trains and is measured)."""
@@ -162,8 +216,8 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
     def held_out_kl(current: dict[str, QuantizedWeight], kept_vectors: dict[str, torch.Tensor]) -> float:
         weights = {f"{n}.weight": qw.dequantize().to(dtypes[f"{n}.weight"]) for n, qw in current.items()}
         with torch.no_grad():
-            return sum(float(sparse_kl(_logits(model, windows[i], dtype, {**weights, **kept_vectors}),
-                                       teacher.indices[i], teacher.logprobs[i])) for i in held) / len(held)
+            return sum(float(fused_sparse_kl(_logits(model, windows[i], dtype, {**weights, **kept_vectors}),
+                                             teacher.indices[i], teacher.logprobs[i])) for i in held) / len(held)
 
     best = (layers, snapshot())
     best_kl, best_epoch = held_out_kl(*best), 0
@@ -182,8 +236,9 @@ def distill_model(model: nn.Module, layers: dict[str, QuantizedWeight], windows:
                     adapt()
                     optimizer.zero_grad(set_to_none=True)
                     weights = {n: w.to(dtypes[n]) for n, w in values.weights().items()}
-                    loss = sparse_kl(_logits(model, windows[train[i]], dtype, {**weights, **vector_weights()}),
-                                     teacher.indices[train[i]], teacher.logprobs[train[i]])
+                    loss = fused_sparse_kl(_logits(model, windows[train[i]], dtype,
+                                                   {**weights, **vector_weights()}),
+                                           teacher.indices[train[i]], teacher.logprobs[train[i]])
                     losses.append(float(loss.detach()))
                     if not math.isfinite(losses[-1]):
                         break

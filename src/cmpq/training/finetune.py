@@ -54,8 +54,9 @@ def enabled(config: FinetuneConfig | None) -> bool:
 
 
 def tunable(layer: QuantizedWeight) -> bool:
-    """Whether a quantized weight exposes its stored values (`lookup_values` / `with_values`)."""
-    return hasattr(layer, "lookup_values") and hasattr(layer, "with_values")
+    """Whether a quantized weight exposes its stored values (`stored_values` / `weight_from_values` /
+    `with_values`)."""
+    return all(hasattr(layer, name) for name in ("stored_values", "weight_from_values", "with_values"))
 
 
 def rms(t: torch.Tensor) -> float:
@@ -65,16 +66,12 @@ def rms(t: torch.Tensor) -> float:
 
 class StoredValues:
     """The stored values of lookup-quantized layers as trainable tensors: each weight is theta[index] with the
-    index fixed by the codes (`CMPQWeight.lookup_values`). Shared by block fine-tuning and `cmpq.training.distill`."""
+    index fixed by the codes (`CMPQWeight.lookup_values`, computed by `weight_from_values`). Shared by block
+    fine-tuning and `cmpq.training.distill`."""
 
     def __init__(self, layers: dict[str, QuantizedWeight]) -> None:
         self.layers = layers
-        self.params: dict[str, nn.Parameter] = {}
-        self.indices: dict[str, torch.Tensor] = {}
-        for name, qw in layers.items():
-            theta, index = qw.lookup_values()
-            self.params[name] = nn.Parameter(theta.clone())
-            self.indices[name] = index
+        self.params = {name: nn.Parameter(qw.stored_values().clone()) for name, qw in layers.items()}
 
     def param_groups(self, lr: float) -> list[dict]:
         """Adam groups: step size `lr` in units of each layer's weight RMS."""
@@ -82,7 +79,7 @@ class StoredValues:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """{name.weight: theta[index]} (float32, differentiable in theta)."""
-        return {f"{n}.weight": p[self.indices[n]] for n, p in self.params.items()}
+        return {f"{n}.weight": self.layers[n].weight_from_values(p) for n, p in self.params.items()}
 
     def rounded(self) -> dict[str, QuantizedWeight]:
         """The layers holding the current values, rounded as they are stored."""
