@@ -265,6 +265,75 @@ def table_vs_llamacpp() -> str:
     return "\n\n".join(out) + "\n" if out else "No records yet: run `python benchmarks/vs_llamacpp.py`.\n"
 
 
+# ---- quantization cost ------------------------------------------------------------------------------------
+COST = RESULTS / "cost"
+
+
+def cost_folders() -> list[Path]:
+    return sorted(p for p in COST.iterdir() if p.is_dir()) if COST.is_dir() else []
+
+
+def _per_machine(name: str, render: Callable[[list[dict[str, Any]]], str], script: str) -> str:
+    """`render(records)` of results/cost/<machine>/`name`.jsonl for every machine, with its provenance."""
+    out = []
+    for folder in cost_folders():
+        records = _load(folder / f"{name}.jsonl")
+        if records:
+            out.append(f"**{folder.name}**\n\n" + render(records).rstrip("\n") + " "
+                       + provenance(records, f"python benchmarks/{script}"))
+    return "\n\n".join(out) + "\n" if out else f"No records yet: run `python benchmarks/{script}`.\n"
+
+
+def table_quality_time() -> str:
+    """Settings of `cmpq quantize` against their minutes, peak RSS and perplexity, per machine."""
+    import quality_time
+
+    return _per_machine("quality_time", quality_time.markdown, "quality_time.py")
+
+
+def table_stages() -> str:
+    """Seconds per stage of each quality/time setting, side by side, per machine."""
+    out = []
+    for folder in cost_folders():
+        records = _load(folder / "quality_time.jsonl")
+        if not records:
+            continue
+        names: list[str] = []
+        for r in records:
+            names += [n for n in r["stages"] if n not in names and not n.startswith("k-means") and n != "other"]
+        names += ["k-means, all widths", "other"]
+        lines = ["| stage | " + " | ".join(f"({i + 1})" for i in range(len(records))) + " |",
+                 "|---|" + "---|" * len(records)]
+        for name in names:
+            cells = []
+            for r in records:
+                seconds = (sum(v for k, v in r["stages"].items() if k.startswith("k-means"))
+                           if name == "k-means, all widths" else r["stages"].get(name))
+                cells.append(f"{seconds:.0f}" if seconds else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("| **all** | " + " | ".join(f"**{sum(r['stages'].values()):.0f}**" for r in records) + " |")
+        legend = "; ".join(f"({i + 1}) {r['label']}" for i, r in enumerate(records))
+        out.append(f"**{folder.name}**\n\n" + "\n".join(lines) + f"\n\nSeconds per stage (`cmpq.progress`: each "
+                   f"second is charged to one stage). {legend}. "
+                   + provenance(records, "python benchmarks/quality_time.py"))
+    return "\n\n".join(out) + "\n" if out else "No records yet: run `python benchmarks/quality_time.py`.\n"
+
+
+def table_block_cost() -> str:
+    """Seconds and peak RSS per block at 7B and 1.1B shapes, per machine."""
+    import block_cost
+
+    return _per_machine("block_cost", block_cost.markdown, "block_cost.py")
+
+
+def table_busy_machine() -> str:
+    """A quick quantization idle and beside a busy process, per machine."""
+    import busy_machine
+
+    return _per_machine("busy_machine", lambda records: busy_machine.markdown(records, records[0]["machine"]["cores"]),
+                        "busy_machine.py")
+
+
 def table_cli() -> str:
     """Every command's --help, at a fixed width, so the page is the same on any terminal."""
     import os
@@ -290,7 +359,8 @@ def table_cli() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "headline": table_headline, "methods": table_methods, "llamacpp": table_llamacpp,
     "ablations": table_ablations, "kernels": table_kernels, "vs-llamacpp": table_vs_llamacpp,
-    "cli": table_cli,
+    "cli": table_cli, "quality-time": table_quality_time, "stages": table_stages, "block-cost": table_block_cost,
+    "busy-machine": table_busy_machine,
 }
 PLOTS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any], Path], None], str]] = {
     "quality": (plot_quality, draw_quality, "Perplexity against honest bits per weight on smollm2-135m"),

@@ -34,7 +34,7 @@ class CalibConfig:
     """Which calibration tokens to use. `source` is c4 | c4-chat | wikitext2 | a path to a UTF-8 text file."""
 
     source: str = "c4"
-    nsamples: int = 128
+    nsamples: int = 32
     seqlen: int = 2048
     seed: int = 0
     dtype: str = "auto"  # precision of the calibration forwards: auto | float32 | bfloat16 (calibration/precision.py)

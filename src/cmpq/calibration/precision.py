@@ -3,7 +3,7 @@
 Weights are always quantized from their float32 values; only the calibration forwards and the Hessian
 products may run in bfloat16. On a CPU with native bfloat16 dot products (AVX512-BF16 or AMX) those
 matmuls are about 4x faster than float32 (measured on this machine: 2048 x 1536 Hessian 45 ms -> 11 ms), which
-is what keeps the default calibration (128 x 2048 tokens) within minutes; elsewhere bfloat16 is emulated and
+is what keeps a calibration of 128 x 2048 tokens within minutes; elsewhere bfloat16 is emulated and
 slower than float32, so "auto" picks float32 there. The record names the precision used.
 """
 

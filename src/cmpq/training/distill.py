@@ -41,7 +41,7 @@ class DistillConfig:
     log-probabilities kept per token; holdout: fraction of the calibration windows (at least one) held out
     to choose the epoch kept; tokens: distil on the first calibration windows holding this many tokens (None =
     all of them), since a backward pass through the whole model costs several forwards per window and the
-    default calibration (128 x 2048) would take an hour; 65536 tokens (32 windows of 2048) were enough to turn
+    calibration of 128 x 2048 would take an hour; 65536 tokens (32 windows of 2048) were enough to turn
     the loops of smollm2 at 2.5 bpw into sentences."""
 
     epochs: int | None = 0
