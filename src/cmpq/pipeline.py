@@ -157,12 +157,7 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
                             qw = quantizer.quantize(linear.weight.data, layer_stats, full_name)
                     except CmpqError as exc:  # say which layer: targets can be unreachable for one shape only
                         raise type(exc)(f"{full_name} {tuple(linear.weight.shape)}: {exc}") from exc
-                    with torch.no_grad():
-                        linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
-                    hook = qw.activation_hook()
-                    if hook is not None:  # later blocks are calibrated on the quantized activations, as they run
-                        result.hooks.append(linear.register_forward_pre_hook(hook))
-                    result.layers[full_name] = qw
+                    _install(linear, qw, full_name, result)
             if tune:
                 _finetune(block, linears, index, f"{arch.blocks_path}.{index}.", result, inputs, hidden, target,
                           finetune, bar)
@@ -197,6 +192,17 @@ def quantize_model(model: nn.Module, arch: ArchSpec, quantizer: Quantizer, windo
     return result
 
 
+def _install(linear: nn.Linear, qw: QuantizedWeight, full_name: str, result: QuantizationResult) -> None:
+    """A quantized layer in the model (its dequantized weight, and its activation quantizer if it has one: later
+    blocks are calibrated on the quantized activations, as they run) and in `result`."""
+    with torch.no_grad():
+        linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
+    hook = qw.activation_hook()
+    if hook is not None:
+        result.hooks.append(linear.register_forward_pre_hook(hook))
+    result.layers[full_name] = qw
+
+
 def _restore_plan(quantizer: Quantizer, state: RunState | None) -> bool:
     """Take the model-wide plan of a stopped run, if it saved one; whether there was one."""
     if state is None or not quantizer.measures_model() or not state.has("plan"):
@@ -223,12 +229,7 @@ def _replay_block(saved: dict, block: nn.Module, linears: dict[str, nn.Linear], 
         run_block(block, inputs, float_hidden, target)
     for name, qw in check_weights(saved["layers"]).items():
         gradients.pop(prefix + name, None)
-        with torch.no_grad():
-            linears[name].weight.copy_(qw.dequantize().to(linears[name].weight.dtype))
-        hook = qw.activation_hook()
-        if hook is not None:
-            result.hooks.append(linears[name].register_forward_pre_hook(hook))
-        result.layers[prefix + name] = qw
+        _install(linears[name], qw, prefix + name, result)
     if saved.get("finetune") is not None:
         result.finetune.append(saved["finetune"])
 
